@@ -1,0 +1,98 @@
+"""Settings as dataclasses: the one source of defaults for the model, training and decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape. `feature_dim` is the CNN feature size; `vocab_size` comes from the vocabulary."""
+
+    vocab_size: int
+    feature_dim: int = 1280
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    image_dim: int = 512  # size of the projected image feature that feeds the gates
+    num_layers: int = 1
+    dropout: float = 0.5
+    # "every": W_ih·v enters the gates at every step (par-inject); "first": v is only the first input.
+    image_input: Literal["every", "first"] = "every"
+
+
+@dataclass
+class DecodeConfig:
+    """How captions are generated. One object for every door (CLI, demo, evaluation, training)."""
+
+    strategy: Literal["greedy", "sample", "beam"] = "beam"
+    beam_size: int = 3
+    n_best: int = 1
+    max_length: int = 20  # generated tokens, <end> included
+    length_penalty: float = 0.0  # beam score = log_prob / length**length_penalty (0: plain sum)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    no_repeat_ngram_size: int = 0  # 0: allow repeats
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "sample", "beam"):
+            raise ValueError(f"unknown decoding strategy {self.strategy!r}; use greedy, sample or beam")
+        if self.beam_size < 1 or self.n_best < 1 or self.max_length < 1:
+            raise ValueError("beam_size, n_best and max_length must be at least 1")
+        if self.strategy == "beam" and self.n_best > self.beam_size:
+            raise ValueError(f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError("top_k and no_repeat_ngram_size must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for teacher-forced training on cached features."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 1e-2
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.0
+    min_word_count: int = 5
+    max_caption_length: int = 30  # longer training captions are truncated (<end> kept)
+    patience: int = 4  # epochs without val CIDEr-D improvement before stopping
+    seed: int = 0
+    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_max_images: int | None = None
+    num_workers: int = 0
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a config dataclass from plain JSON data, checking names and basic types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = known[name].type
+        if name == "val_decode" and isinstance(value, dict):
+            value = from_dict(DecodeConfig, value)
+        elif kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{cls.__name__}.{name}: expected an integer, got {value!r}")
+        elif kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{cls.__name__}.{name}: expected a number, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
