@@ -1,0 +1,101 @@
+"""The public API: `Captioner.from_pretrained(path).caption(images, ...)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.config import DecodeConfig
+from captioner.inference import Caption, decode_features
+from captioner.utils import resolve_device
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+@dataclass
+class CaptionResult:
+    """Captions for one input (best first), or the reason it could not be captioned."""
+
+    source: str
+    captions: list[Caption] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def caption(self) -> str | None:
+        return self.captions[0].text if self.captions else None
+
+
+class Captioner:
+    """A trained decoder with the CNN it was trained on. Load once, caption many images."""
+
+    def __init__(self, checkpoint: Checkpoint, encoder: Any, device: torch.device):
+        self.checkpoint = checkpoint
+        self.encoder = encoder
+        self.device = device
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
+                        encoder_weights: str | Path | None = None) -> Captioner:
+        """Load a checkpoint (default: the shipped Flickr8k model) and the CNN its encoder entry names."""
+        from captioner.encoder import get_encoder
+
+        if path is None:
+            from captioner.cli import default_checkpoint
+
+            path = default_checkpoint()
+        device_ = resolve_device(device)
+        checkpoint = load_checkpoint(path, device=device_)
+        encoder_name = checkpoint.encoder.get("encoder", "efficientnet_lite0")
+        encoder = get_encoder(encoder_name, weights=encoder_weights)
+        expected_hash = checkpoint.encoder.get("weights_hash")
+        if expected_hash and encoder.weights_hash != expected_hash:
+            raise ValueError(f"{checkpoint.path}: trained on {encoder_name} weights {expected_hash}, but the "
+                             f"loaded weights hash to {encoder.weights_hash}; the captions would be wrong")
+        encoder.module.to(device_)
+        return cls(checkpoint, encoder, device_)
+
+    @property
+    def vocab(self):
+        return self.checkpoint.vocab
+
+    def decode_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
+        return replace(config or DecodeConfig(), **overrides)
+
+    def caption_features(self, features: torch.Tensor, config: DecodeConfig) -> list[list[Caption]]:
+        return decode_features(self.checkpoint.model, self.vocab, features.to(self.device), config)
+
+    def caption(self, images: ImageInput | list[ImageInput], config: DecodeConfig | None = None,
+                batch_size: int = 32, **overrides: Any) -> list[CaptionResult]:
+        """Caption PIL images, paths or encoded bytes. Options are DecodeConfig fields, e.g.
+        `strategy="beam", beam_size=3, n_best=1`. An unreadable image gets a result with `.error`."""
+        from captioner.encoder import features_for_images
+        from captioner.images import ImageLoadError, load_image
+
+        if not isinstance(images, list):
+            images = [images]
+        config = self.decode_config(config, **overrides)
+        results: list[CaptionResult] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            loaded, chunk_results = [], []
+            for image in chunk:
+                source = str(image) if isinstance(image, (str, Path)) else type(image).__name__
+                result = CaptionResult(source)
+                try:
+                    loaded.append(load_image(image))
+                except ImageLoadError as error:
+                    result.error = str(error)
+                chunk_results.append(result)
+            if loaded:
+                features = features_for_images(self.encoder, loaded, device=self.device)
+                captions = iter(self.caption_features(features, config))
+                for result in chunk_results:
+                    if result.error is None:
+                        result.captions = next(captions)
+            results.extend(chunk_results)
+        return results

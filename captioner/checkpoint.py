@@ -1,0 +1,157 @@
+"""Checkpoints: one safetensors file holding the tensors, with plain JSON in its header.
+
+The header's metadata holds `format_version`, `config` (model config), `vocab` (the word list),
+`encoder` (name, preprocessing, weights hash) and `info` (training settings, seed, data fingerprint,
+val metrics, ...). Loading never unpickles anything: safetensors is a flat tensor format, and a file
+that looks like a pickle or `torch.save` archive is refused before anything is parsed.
+Writes go to a temporary file beside the target, then `os.replace`, so a crash mid-save leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from captioner.config import ModelConfig, from_dict, to_dict
+from captioner.model import CaptionDecoder
+from captioner.text import Vocabulary
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    model: CaptionDecoder
+    vocab: Vocabulary
+    encoder: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint may be named by its file or by the folder holding `model.safetensors`."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> None:
+    """Write a safetensors file through a temp file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: CaptionDecoder, vocab: Vocabulary, encoder: dict[str, Any],
+                    info: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Save a model checkpoint. `dtype=torch.float16` halves the file (weights are cast back on load)."""
+    path = resolve(path) if Path(path).suffix != ".safetensors" else Path(path)
+    tensors = {f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+               for k, v in model.state_dict().items()}
+    tensors.update(extra_tensors or {})
+    metadata = {
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(to_dict(model.config)),
+        "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
+        "encoder": json.dumps(encoder),
+        "info": json.dumps(info or {}),
+    }
+    metadata.update({k: json.dumps(v) for k, v in (extra_metadata or {}).items()})
+    atomic_save(tensors, metadata, path)
+    return path
+
+
+def read_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with specific errors for bad files."""
+    path = resolve(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    # safetensors: an 8-byte little-endian header size, then a JSON header starting with "{"
+    looks_like_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not looks_like_safetensors and head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{path}: this is a pickle / torch.save file, which captioner never loads "
+                              "(unpickling can run arbitrary code); checkpoints must be safetensors files")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint, it may be truncated or "
+                              f"corrupted ({error})") from error
+    return tensors, metadata
+
+
+def _json_field(path: Path, metadata: dict[str, str], key: str) -> Any:
+    if key not in metadata:
+        raise CheckpointError(f"{path}: checkpoint metadata has no {key!r} entry")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: checkpoint metadata {key!r} is not valid JSON ({error})") from error
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint for inference (eval mode, float32)."""
+    path = resolve(path)
+    tensors, metadata = read_raw(path)
+    version = _json_field(path, metadata, "format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this captioner "
+                              f"understands ({FORMAT_VERSION}); upgrade captioner to load it")
+    try:
+        config = from_dict(ModelConfig, _json_field(path, metadata, "config"))
+        vocab = Vocabulary.from_json(_json_field(path, metadata, "vocab"))
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: invalid config or vocabulary: {error}") from error
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"{path}: the vocabulary has {len(vocab)} words but the config says "
+                              f"vocab_size={config.vocab_size}")
+    state = {k[len("model."):]: v.float() if v.is_floating_point() else v
+             for k, v in tensors.items() if k.startswith("model.")}
+    embedding = state.get("embed.weight")
+    if embedding is not None and embedding.shape[0] != len(vocab):
+        raise CheckpointError(f"{path}: the vocabulary has {len(vocab)} words but the embedding has "
+                              f"{embedding.shape[0]} rows; vocabulary and weights do not belong together")
+    model = CaptionDecoder(config)
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model: missing {sorted(missing)}, "
+                              f"unexpected {sorted(unexpected)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the config: {error}") from error
+    encoder = _json_field(path, metadata, "encoder")
+    info = _json_field(path, metadata, "info")
+    if not isinstance(encoder, dict) or not isinstance(info, dict):
+        raise CheckpointError(f"{path}: 'encoder' and 'info' metadata must be JSON objects")
+    return Checkpoint(model.to(device).eval(), vocab, encoder, info, path)

@@ -1,0 +1,234 @@
+"""`captioner <command>`: argument parsing only; every command calls into the library.
+
+Exit status: 0 success; 1 the job ran but some inputs failed (e.g. unreadable images); 2 bad usage
+or unusable inputs (a missing checkpoint, a broken data file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from captioner.config import DecodeConfig, ModelConfig, TrainConfig
+
+DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint: $CAPTIONER_CHECKPOINT, else the repository's checkpoints/ folder."""
+    import os
+
+    if os.environ.get("CAPTIONER_CHECKPOINT"):
+        return Path(os.environ["CAPTIONER_CHECKPOINT"])
+    repo_copy = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT
+    return repo_copy if repo_copy.exists() else Path(DEFAULT_CHECKPOINT)
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam") -> None:
+    group = parser.add_argument_group("decoding")
+    defaults = DecodeConfig()
+    group.add_argument("--strategy", choices=["greedy", "beam", "sample"], default=strategy)
+    group.add_argument("--beam-size", type=int, default=defaults.beam_size)
+    group.add_argument("--n-best", type=int, default=1, help="captions per image (beam or sample)")
+    group.add_argument("--max-length", type=int, default=defaults.max_length)
+    group.add_argument("--length-penalty", type=float, default=defaults.length_penalty,
+                       help="beam score = log-prob / length**alpha (0 = plain sum)")
+    group.add_argument("--temperature", type=float, default=defaults.temperature)
+    group.add_argument("--top-k", type=int, default=defaults.top_k)
+    group.add_argument("--top-p", type=float, default=defaults.top_p)
+    group.add_argument("--no-repeat-ngram", type=int, default=0, dest="no_repeat_ngram_size")
+    group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def decode_config(args: argparse.Namespace) -> DecodeConfig:
+    return DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, n_best=args.n_best,
+                        max_length=args.max_length, length_penalty=args.length_penalty,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--data", required=required,
+                        help="dataset folder or annotation file (Karpathy json, COCO captions json, or "
+                             "Flickr8k.token.txt)")
+    parser.add_argument("--layout", choices=["auto", "karpathy", "coco", "flickr8k"], default="auto")
+    parser.add_argument("--images", default=None, help="image folder, when not beside the annotations")
+    parser.add_argument("--karpathy-split", default=None,
+                        help="COCO only: a Karpathy dataset_coco.json assigning train/val/test")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip invalid entries of the data files (reported with counts) instead of stopping")
+
+
+def load_data(args: argparse.Namespace):
+    from captioner.data import load_dataset
+
+    dataset = load_dataset(args.data, layout=args.layout, images_dir=args.images,
+                           skip_invalid=args.skip_invalid, karpathy_split=args.karpathy_split)
+    if dataset.report:
+        print(dataset.report.summary(), file=sys.stderr)
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_features(args: argparse.Namespace) -> int:
+    from captioner.encoder import get_encoder
+    from captioner.features import extract_features
+    from captioner.utils import resolve_device
+
+    dataset = load_data(args)
+    splits = args.splits.split(",")
+    records = [r for r in dataset.records if r.split in splits]
+    encoder = get_encoder(args.encoder, weights=args.encoder_weights, allow_random=args.allow_random_weights)
+    cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
+                             num_workers=args.workers, device=resolve_device(args.device))
+    print(f"{len(cache)} image features in {args.out}")
+    return 1 if cache.meta.get("failed") else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from captioner.training import train_on_cache
+
+    dataset = load_data(args)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
+                         patience=args.patience, val_max_images=args.val_images,
+                         val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
+    model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
+                    "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
+    best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluation import evaluate_checkpoint
+
+    dataset = load_data(args)
+    evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
+                        features_dir=args.features, batch_size=args.batch_size, device=args.device,
+                        coco_eval=args.coco_eval, html=not args.no_html)
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from captioner.batch import caption_paths
+
+    return caption_paths(args.paths, checkpoint=args.checkpoint or default_checkpoint(),
+                         config=decode_config(args), output=args.output, recursive=args.recursive,
+                         resume=args.resume, batch_size=args.batch_size, num_workers=args.workers,
+                         device=args.device)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from captioner.demo import launch
+
+    launch(args.checkpoint or default_checkpoint(), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from captioner.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    print(json.dumps({"path": str(checkpoint.path), "config": checkpoint.model.config.__dict__,
+                      "vocab_size": len(checkpoint.vocab), "encoder": checkpoint.encoder,
+                      "info": checkpoint.info}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from captioner import __version__
+
+    parser = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN + LSTM model.")
+    parser.add_argument("--version", action="version", version=f"captioner {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("caption", help="caption image files, folders and globs")
+    p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--checkpoint", default=None, help=f"default: the shipped {DEFAULT_CHECKPOINT}")
+    p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    p.add_argument("--output", "-o", default=None, help="results file: .jsonl, .csv or .json (default: print)")
+    p.add_argument("--resume", action="store_true", help="skip images already in --output")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="image loading processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_decode_arguments(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = commands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
+    p.add_argument("--checkpoint", required=True)
+    add_data_arguments(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--features", default=None, help="a feature cache to read instead of running the CNN")
+    p.add_argument("--out", default=None, help="folder for the report, predictions and HTML page")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--coco-eval", action="store_true", help="also run pycocoevalcap's COCOEvalCap (needs Java)")
+    p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    add_decode_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("features", help="compute and cache CNN features for a dataset")
+    add_data_arguments(p)
+    p.add_argument("--encoder", default="efficientnet_lite0")
+    p.add_argument("--encoder-weights", default=None, help="a local weights file for the encoder")
+    p.add_argument("--allow-random-weights", action="store_true", help="testing only: untrained CNN")
+    p.add_argument("--out", required=True, help="cache folder (resumed if it exists)")
+    p.add_argument("--splits", default="train,val,test")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_features)
+
+    p = commands.add_parser("train", help="train a decoder on cached features")
+    add_data_arguments(p)
+    defaults, model_defaults = TrainConfig(), ModelConfig(vocab_size=0)
+    p.add_argument("--features", required=True, help="feature cache made by `captioner features`")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log, curves)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
+    p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
+    p.add_argument("--val-beam-size", type=int, default=defaults.val_decode.beam_size)
+    p.add_argument("--embed-dim", type=int, default=model_defaults.embed_dim)
+    p.add_argument("--hidden-dim", type=int, default=model_defaults.hidden_dim)
+    p.add_argument("--image-dim", type=int, default=model_defaults.image_dim)
+    p.add_argument("--layers", type=int, default=model_defaults.num_layers)
+    p.add_argument("--dropout", type=float, default=model_defaults.dropout)
+    p.add_argument("--image-input", choices=["every", "first"], default=model_defaults.image_input)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("demo", help="start the Gradio web demo")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("info", help="print a checkpoint's settings and scores")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from captioner.checkpoint import CheckpointError
+    from captioner.data.records import DataFormatError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, DataFormatError, FileNotFoundError, ValueError) as error:
+        print(f"captioner {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"captioner {args.command}: interrupted", file=sys.stderr)
+        return 130

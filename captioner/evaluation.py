@@ -1,0 +1,164 @@
+"""Score a checkpoint on a dataset split the way the papers do, and write the report files.
+
+Every image of the split is decoded for real (batched), its caption scored against all of its
+references with BLEU-1..4, CIDEr-D and ROUGE-L (captioner.metrics, which agrees with coco-caption),
+and the out folder receives:
+  report.json        scores, decoding settings, checkpoint and data fingerprints, image count, timing
+  predictions.json   COCO results format [{"image_id", "caption"}], scorable by the official toolkit
+  report.html        the best and worst images by per-image CIDEr-D, with captions and references
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.config import DecodeConfig
+from captioner.data.records import CaptionRecord
+from captioner.inference import decode_features
+from captioner.metrics import METRIC_NAMES, compute_scores
+from captioner.utils import resolve_device, write_text_atomic
+
+
+def file_fingerprint(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Scores ×100 as an aligned text table, one row per named result."""
+    name_width = max(12, *(len(name) for name in rows))
+    lines = [f"{'':{name_width}}" + "".join(f"{m:>9}" for m in METRIC_NAMES)]
+    for name, scores in rows.items():
+        lines.append(f"{name:{name_width}}" + "".join(f"{scores[m] * 100:9.1f}" for m in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def coco_result_id(record: CaptionRecord) -> int | str:
+    """The id to write in COCO results: the annotation file's numeric id when there is one."""
+    return record.source_id if record.source_id is not None else record.image_id
+
+
+def image_features(records: list[CaptionRecord], encoder_name: str, features_dir: str | Path | None,
+                   batch_size: int, device: torch.device) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+    """Features for the records: from a cache when given (it must match the checkpoint's encoder),
+    else by running the CNN. Returns the records that have features, the features, and problems."""
+    from captioner.features import FeatureCache, compute_features
+
+    if features_dir is not None:
+        cache = FeatureCache.open(features_dir)
+        if cache.meta.get("encoder") != encoder_name:
+            raise ValueError(f"{features_dir}: features from encoder {cache.meta.get('encoder')!r}, but the "
+                             f"checkpoint was trained on {encoder_name!r} features")
+        kept = [r for r in records if r.image_id in cache]
+        problems = [f"{r.image_path}: no cached feature" for r in records if r.image_id not in cache]
+        return kept, cache.get_batch([r.image_id for r in kept]), problems
+    from captioner.encoder import get_encoder
+
+    encoder = get_encoder(encoder_name)
+    features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,
+                                          device=device)
+    failed = {index for index, _ in failures}
+    kept = [r for i, r in enumerate(records) if i not in failed]
+    problems = [f"{records[i].image_path}: {reason}" for i, reason in failures]
+    return kept, features, problems
+
+
+def evaluate_checkpoint(checkpoint_path: str | Path, dataset: Any, split: str, config: DecodeConfig,
+                        out_dir: str | Path | None = None, features_dir: str | Path | None = None,
+                        batch_size: int = 64, device: str = "auto", coco_eval: bool = False,
+                        html: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Decode and score one split; print the table; write the report files when `out_dir` is given."""
+    device_ = resolve_device(device)
+    checkpoint = load_checkpoint(checkpoint_path, device=device_)
+    records = dataset.split(split)
+    if not records:
+        raise ValueError(f"the dataset has no {split!r} images")
+    started = time.perf_counter()
+    records, features, problems = image_features(records, checkpoint.encoder.get("encoder", "efficientnet_lite0"),
+                                                 features_dir, batch_size, device_)
+    for problem in problems:
+        print(f"warning: skipped {problem}")
+    feature_seconds = time.perf_counter() - started
+    decode_start = time.perf_counter()
+    captions = decode_features(checkpoint.model, checkpoint.vocab, features, config, batch_size=250)
+    decode_seconds = time.perf_counter() - decode_start
+    references = {r.image_id: r.captions for r in records}
+    hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
+    scores = compute_scores(references, hypotheses)
+    corpus = {m: scores[m] for m in METRIC_NAMES}
+    label = f"{config.strategy}" + (f" beam {config.beam_size}" if config.strategy == "beam" else "")
+    report = {
+        "split": split, "images": len(records), "skipped_images": problems, "scores": corpus,
+        "decoding": asdict(config), "checkpoint": str(checkpoint.path),
+        "checkpoint_sha256": file_fingerprint(checkpoint.path), "data": getattr(dataset, "source", None),
+        "data_fingerprint": dataset.fingerprint(), "encoder": checkpoint.encoder,
+        "seconds": {"features": round(feature_seconds, 2), "decoding": round(decode_seconds, 2)},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device_)},
+    }
+    if not quiet:
+        print(f"{checkpoint.path} on {split} ({len(records)} images), {label}:")
+        print(format_table({label: corpus}))
+    if coco_eval:
+        report["coco_eval"] = run_coco_eval(references, hypotheses)
+    if out_dir is not None:
+        out = Path(out_dir)
+        predictions = [{"image_id": coco_result_id(r), "caption": c[0].text} for r, c in zip(records, captions, strict=True)]
+        write_text_atomic(out / "predictions.json", json.dumps(predictions, ensure_ascii=False))
+        write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+        if html:
+            from captioner.report import write_html_report
+
+            per_image_cider = scores["per_image"]["CIDEr-D"]
+            items = [{"image_id": r.image_id, "image_path": r.image_path, "caption": hypotheses[r.image_id],
+                      "references": r.captions, "cider": per_image_cider[r.image_id]} for r in records]
+            write_html_report(out / "report.html", items, title=f"{Path(checkpoint.path).name} on {split}",
+                              scores=corpus)
+        if not quiet:
+            print(f"wrote {out}/report.json, predictions.json" + (", report.html" if html else ""))
+    return report
+
+
+def run_coco_eval(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, Any]:
+    """pycocoevalcap's own scorers with its PTB tokenizer and METEOR; both need Java."""
+    import shutil
+
+    missing = []
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        missing.append("the pycocoevalcap package (pip install pycocoevalcap)")
+    if shutil.which("java") is None:
+        missing.append("Java (its PTB tokenizer and METEOR run on the JVM)")
+    if missing:
+        message = "--coco-eval skipped: missing " + " and ".join(missing)
+        print(message)
+        return {"skipped": message}
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{"caption": hypotheses[i]}] for i in references})
+    results: dict[str, float] = {}
+    for scorer, names in ((Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+                          (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])):
+        score, _ = scorer.compute_score(gts, res)
+        for name, value in zip(names, score if isinstance(score, list) else [score], strict=True):
+            results[name] = float(value)
+    print("COCOEvalCap: " + "  ".join(f"{k} {v * 100:.1f}" for k, v in results.items()))
+    return results

@@ -1,0 +1,275 @@
+"""Teacher-forced training on cached image features, with real-decoding validation and resume.
+
+A run folder holds:
+  last.safetensors   the whole training state (weights, optimizer, RNG, history): `--resume` reads it
+  best.safetensors   the weights of the best epoch by val CIDEr-D: a usable checkpoint
+  log.jsonl          one line per epoch (loss, val scores, lr, seconds, throughput)
+  curves.png         training loss and val scores per epoch
+
+The data order of epoch e depends only on (seed, e) and the RNG state is saved with every
+checkpoint, so a run interrupted after epoch k and resumed ends with the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captioner.checkpoint import CheckpointError, read_raw, save_checkpoint
+from captioner.config import ModelConfig, TrainConfig, to_dict
+from captioner.data.records import CaptionRecord
+from captioner.inference import decode_features
+from captioner.metrics import compute_scores
+from captioner.model import CaptionDecoder, count_parameters
+from captioner.text import Vocabulary, tokenize
+from captioner.utils import progress_bar, write_text_atomic
+
+LAST, BEST, LOG, CURVES = "last.safetensors", "best.safetensors", "log.jsonl", "curves.png"
+
+
+@dataclass
+class CaptionTensors:
+    """Every (image, caption) pair of a split, encoded once: rows of `tokens` index `features`."""
+
+    features: Tensor  # (images, D) float32
+    image_rows: Tensor  # (captions,) row of each caption's image in `features`
+    tokens: Tensor  # (captions, L) <start> ... <end> <pad>...
+    lengths: Tensor  # (captions,) <start> .. <end> inclusive
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Features, tokens and lengths of the given captions, sorted longest first."""
+        lengths = self.lengths[indices]
+        order = torch.argsort(lengths, descending=True)
+        indices, lengths = indices[order], lengths[order]
+        width = int(lengths[0])
+        return self.features[self.image_rows[indices]], self.tokens[indices, :width], lengths
+
+
+def encode_split(records: list[CaptionRecord], features: Tensor, vocab: Vocabulary,
+                 max_caption_length: int) -> CaptionTensors:
+    """Encode captions of `records` (whose features are the rows of `features`, in order)."""
+    image_rows, encoded = [], []
+    for row, record in enumerate(records):
+        for caption in record.captions:
+            words = tokenize(caption)[:max_caption_length]
+            if words:
+                image_rows.append(row)
+                encoded.append(vocab.encode(words))
+    if not encoded:
+        raise ValueError("no usable training captions (every caption is empty after tokenisation)")
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    tokens = torch.full((len(encoded), int(lengths.max())), vocab.pad_id, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        tokens[i, :len(ids)] = torch.tensor(ids)
+    return CaptionTensors(features, torch.tensor(image_rows), tokens, lengths)
+
+
+def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from `lr` to `min_lr`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def validate(model: CaptionDecoder, vocab: Vocabulary, records: list[CaptionRecord], features: Tensor,
+             config: TrainConfig) -> dict[str, float]:
+    """Decode the val images for real (never teacher-forced) and score them."""
+    captions = decode_features(model, vocab, features, config.val_decode)
+    references = {r.image_id: r.captions for r in records}
+    hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
+    scores = compute_scores(references, hypotheses)
+    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"]}
+
+
+# --------------------------------------------------------------------------------- training state
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    left.set(title="training loss (teacher forced)", xlabel="epoch", ylabel="cross-entropy")
+    right.plot(epochs, [h["val"]["CIDEr-D"] for h in history], marker="o", label="val CIDEr-D")
+    right.plot(epochs, [h["val"]["BLEU-4"] for h in history], marker="s", label="val BLEU-4")
+    right.set(title="validation (real decoding)", xlabel="epoch")
+    right.legend()
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=90)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def train(train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
+          val_features: Tensor, out_dir: str | Path, model_config: dict[str, Any] | None = None,
+          config: TrainConfig | None = None, encoder: dict[str, Any] | None = None, resume: bool = False,
+          data_fingerprint: str | None = None, progress: bool = True,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Train a decoder; returns the path of the best checkpoint.
+
+    `train_features` / `val_features` hold one row per record, in order. `model_config` overrides
+    ModelConfig fields (vocab_size and feature_dim are filled in here). `on_epoch_end` is called with
+    each epoch's log entry after the checkpoint is written (used to stop runs in tests).
+    """
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.min_word_count)
+    model_cfg = ModelConfig(vocab_size=len(vocab), feature_dim=train_features.size(1), **(model_config or {}))
+    model = CaptionDecoder(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    data = encode_split(train_records, train_features.float(), vocab, config.max_caption_length)
+    steps_per_epoch = math.ceil(len(data.lengths) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    run_info = {"train_config": to_dict(config), "seed": config.seed, "data_fingerprint": data_fingerprint,
+                "train_images": len(train_records), "train_captions": len(data.lengths),
+                "parameters": count_parameters(model)}
+    history: list[dict[str, Any]] = []
+    start_epoch, best_cider, bad_epochs = 1, -1.0, 0
+
+    last_path = out_dir / LAST
+    if resume and last_path.exists():
+        tensors, metadata = read_raw(last_path)
+        state = json.loads(metadata.get("training_state", "null") or "null")
+        if state is None:
+            raise CheckpointError(f"{last_path}: not a training-state checkpoint (no 'training_state')")
+        saved = json.loads(metadata["info"])
+        if saved.get("train_config") != run_info["train_config"] or json.loads(metadata["config"]) != to_dict(model_cfg):
+            raise CheckpointError(f"{last_path}: the run was started with other settings; resume it with the "
+                                  "same settings, or use a new --out folder")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optimizer(optimizer, tensors)
+        torch.set_rng_state(tensors["rng.torch"])
+        history, best_cider, bad_epochs = state["history"], state["best_cider"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        print(f"resuming {out_dir} after epoch {state['epoch']} (best val CIDEr-D {best_cider:.4f})")
+    elif resume:
+        print(f"nothing to resume in {out_dir}: starting a new run")
+
+    print(f"training {count_parameters(model) / 1e6:.2f}M parameters on {len(data.lengths)} captions of "
+          f"{len(train_records)} images; vocabulary {len(vocab)} words; {steps_per_epoch} steps per epoch")
+    for epoch in range(start_epoch, config.epochs + 1):
+        if bad_epochs >= config.patience:
+            break
+        model.train()
+        epoch_start = time.perf_counter()
+        data_seconds, loss_sum, token_count = 0.0, 0.0, 0
+        order = torch.randperm(len(data.lengths), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch}", enabled=progress)
+        for step_in_epoch in bar:
+            step = (epoch - 1) * steps_per_epoch + step_in_epoch
+            lr = learning_rate(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            fetch_start = time.perf_counter()
+            indices = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
+            features, tokens, lengths = data.batch(indices)
+            data_seconds += time.perf_counter() - fetch_start
+            logits, targets = model(features, tokens, lengths)
+            loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item() * targets.numel()
+            token_count += targets.numel()
+            if progress and step_in_epoch % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / token_count:.3f}")
+        train_seconds = time.perf_counter() - epoch_start
+        val_start = time.perf_counter()
+        limit = config.val_max_images or len(val_records)
+        val_scores = validate(model, vocab, val_records[:limit], val_features[:limit], config)
+        entry = {"epoch": epoch, "train_loss": loss_sum / token_count, "lr": lr, "val": val_scores,
+                 "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - val_start, 2),
+                 "captions_per_second": round(len(data.lengths) / train_seconds, 1),
+                 "data_wait_share": round(data_seconds / train_seconds, 4)}
+        history.append(entry)
+        improved = val_scores["CIDEr-D"] > best_cider
+        best_cider, bad_epochs = (val_scores["CIDEr-D"], 0) if improved else (best_cider, bad_epochs + 1)
+        entry["best"] = improved
+        print(f"epoch {epoch}: loss {entry['train_loss']:.3f}  val BLEU-4 {val_scores['BLEU-4'] * 100:.1f}  "
+              f"CIDEr-D {val_scores['CIDEr-D'] * 100:.1f}{'  (best)' if improved else ''}  "
+              f"{train_seconds:.0f}s train, {entry['val_seconds']:.0f}s val")
+        info = {**run_info, "epoch": epoch, "val_metrics": val_scores, "val_decode": to_dict(config.val_decode)}
+        if improved:
+            save_checkpoint(out_dir / BEST, model, vocab, encoder or {}, info)
+        training_state = {"epoch": epoch, "history": history, "best_cider": best_cider, "bad_epochs": bad_epochs}
+        save_checkpoint(out_dir / LAST, model, vocab, encoder or {}, info,
+                        extra_tensors={**_optimizer_tensors(optimizer), "rng.torch": torch.get_rng_state()},
+                        extra_metadata={"training_state": training_state})
+        write_text_atomic(out_dir / LOG, "".join(json.dumps(h) + "\n" for h in history))
+        _plot_curves(history, out_dir / CURVES)
+        if on_epoch_end is not None:
+            on_epoch_end(entry)
+    return out_dir / BEST
+
+
+def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def split_with_features(dataset: Any, cache: Any, split: str) -> tuple[list[CaptionRecord], Tensor]:
+    """Records of one split that have a cached feature, and those features (rows in record order).
+
+    Images missing from the cache (e.g. unreadable when the cache was built) are reported, not hidden.
+    """
+    records = dataset.split(split)
+    kept = [r for r in records if r.image_id in cache]
+    if len(kept) < len(records):
+        missing = [r.image_id for r in records if r.image_id not in cache]
+        print(f"warning: {len(missing)} {split} images have no cached feature and are left out "
+              f"(first: {missing[:3]}); run `captioner features` over them first")
+    if not kept:
+        raise ValueError(f"no {split} images of the dataset are in the feature cache; build it with "
+                         "`captioner features` from the same dataset")
+    return kept, cache.get_batch([r.image_id for r in kept])
+
+
+def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
+                   model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
+                   resume: bool = False, progress: bool = True,
+                   on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Train on a dataset's train split with features from a cache; select on its val split."""
+    from captioner.features import FeatureCache
+
+    cache = FeatureCache.open(features_dir)
+    train_records, train_features = split_with_features(dataset, cache, "train")
+    val_records, val_features = split_with_features(dataset, cache, "val")
+    encoder = {k: cache.meta[k] for k in ("encoder", "weights_hash", "preprocessing", "feature_dim")
+               if k in cache.meta}
+    return train(train_records, train_features, val_records, val_features, out_dir, model_config, config,
+                 encoder=encoder, resume=resume, data_fingerprint=dataset.fingerprint(), progress=progress,
+                 on_epoch_end=on_epoch_end)

@@ -1,0 +1,46 @@
+"""Small helpers shared by the library: progress bars, atomic text writes, device choice."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress_bar(iterable: Iterable[T], desc: str = "", enabled: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar on a terminal; silent when stderr is piped or `enabled` is False."""
+    return tqdm(iterable, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False,
+                dynamic_ncols=True, **kwargs)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file via a temp file + rename, so readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The one device rule: 'auto' takes CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)

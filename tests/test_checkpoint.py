@@ -1,0 +1,151 @@
+"""Checkpoint round trip, and each way a checkpoint can be bad gives a specific error."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from captioner.checkpoint import CheckpointError, load_checkpoint, read_raw, save_checkpoint
+from captioner.config import ModelConfig
+from captioner.model import CaptionDecoder
+from captioner.text import Vocabulary
+
+ENCODER = {"name": "efficientnet_lite0", "weights_hash": "abc"}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    vocab = Vocabulary.build([["a", "dog"], ["a", "cat"]], min_count=1)
+    model = CaptionDecoder(ModelConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=8, hidden_dim=12, image_dim=8))
+    path = save_checkpoint(tmp_path / "model.safetensors", model, vocab, ENCODER, {"seed": 3})
+    return path, model, vocab
+
+
+def _rewrite(path, mutate_metadata=None, mutate_tensors=None):
+    tensors, metadata = read_raw(path)
+    if mutate_metadata:
+        mutate_metadata(metadata)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_round_trip(saved):
+    path, model, vocab = saved
+    loaded = load_checkpoint(path.parent)  # a folder holding model.safetensors works too
+    assert loaded.vocab.words == vocab.words and loaded.encoder == ENCODER and loaded.info == {"seed": 3}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+    assert not loaded.model.training
+
+
+def test_half_precision_save_loads_as_float32(saved, tmp_path):
+    _, model, vocab = saved
+    path = save_checkpoint(tmp_path / "half.safetensors", model, vocab, ENCODER, dtype=torch.float16)
+    loaded = load_checkpoint(path)
+    assert loaded.model.embed.weight.dtype == torch.float32
+    assert torch.allclose(loaded.model.embed.weight, model.embed.weight, atol=1e-2)
+
+
+def test_truncated_file(saved):
+    path = saved[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(64))
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-pickle",))
+
+
+def test_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"weights": _Boom()}))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned-by-pickle").exists()
+    torch_path = tmp_path / "torch.pt"
+    torch.save({"a": torch.zeros(2)}, torch_path)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(torch_path)
+
+
+def test_newer_format_version(saved):
+    path = saved[0]
+    _rewrite(path, lambda m: m.update(format_version="99"))
+    with pytest.raises(CheckpointError, match="newer"):
+        load_checkpoint(path)
+
+
+def test_config_with_wrong_types(saved):
+    path = saved[0]
+
+    def mutate(metadata):
+        config = json.loads(metadata["config"])
+        config["hidden_dim"] = "twelve"
+        metadata["config"] = json.dumps(config)
+
+    _rewrite(path, mutate)
+    with pytest.raises(CheckpointError, match="hidden_dim"):
+        load_checkpoint(path)
+
+
+def test_vocabulary_size_disagrees_with_weights(saved):
+    path = saved[0]
+
+    def mutate(metadata):
+        words = json.loads(metadata["vocab"])["words"] + ["extra"]
+        metadata["vocab"] = json.dumps({"words": words})
+        config = json.loads(metadata["config"])
+        config["vocab_size"] = len(words)
+        metadata["config"] = json.dumps(config)
+
+    _rewrite(path, mutate)
+    with pytest.raises(CheckpointError, match="embedding has"):
+        load_checkpoint(path)
+
+
+def test_missing_weight(saved):
+    path = saved[0]
+    _rewrite(path, mutate_tensors=lambda t: t.pop("model.output.bias"))
+    with pytest.raises(CheckpointError, match="output.bias"):
+        load_checkpoint(path)
+
+
+def test_missing_metadata_entry(saved):
+    path = saved[0]
+    _rewrite(path, lambda m: m.pop("vocab"))
+    with pytest.raises(CheckpointError, match="'vocab'"):
+        load_checkpoint(path)
+
+
+def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
+    path, model, vocab = saved
+    before = path.read_bytes()
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("captioner.checkpoint.save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, vocab, ENCODER)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
