@@ -1,0 +1,231 @@
+"""The Gradio web demo: upload a photo, pick a decoding strategy, read the captions.
+
+`predict` is a plain function (file path + settings -> caption Markdown + n-best rows), so it is
+tested without a browser; `build_app` lays it out in a `gr.Blocks` page; `serve` starts the server
+with the demo's safety settings; `launch` loads the checkpoint once and does both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from captioner.config import DecodeConfig
+from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+
+if TYPE_CHECKING:
+    import gradio as gr
+    from PIL import Image
+
+    from captioner.api import Captioner
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # 40 megapixels
+CONCURRENCY = 2  # simultaneous captioning jobs; the rest wait in Gradio's queue
+MAX_QUEUE = 32  # waiting jobs beyond this are told the queue is full
+MAX_N_BEST = 5
+PREVIEW_SIZE = 512
+# Shipped example photos (public domain / CC0, see SOURCES.md); absent in a wheel install.
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
+EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+TABLE_HEADERS = ["#", "caption", "log-prob", "score"]
+STRATEGIES = [("Beam search", "beam"), ("Greedy", "greedy"), ("Sampling", "sample")]
+PROMPT = "Upload a photo (or pick an example) and press **Caption**."
+LIMITS = (f"The demo takes JPEG, PNG, WebP, … photos up to {MAX_UPLOAD_BYTES // 2**20} MB "
+          f"and {MAX_PIXELS // 1_000_000} megapixels.")
+READY = "Press **Caption** to describe this photo."
+
+Row = list[Any]  # one n-best table row: rank, caption, log-prob, score
+
+
+def _escape_markdown(text: str) -> str:
+    """Backslash-escape ASCII punctuation so file names and words render as plain text."""
+    return "".join(f"\\{ch}" if ch.isascii() and not ch.isalnum() and not ch.isspace() else ch for ch in text)
+
+
+def _message(title: str, detail: str) -> str:
+    return f"### ⚠️ {title}\n\n{detail}"
+
+
+def _check_upload(image_path: str | os.PathLike | None) -> tuple[str | None, str]:
+    """(friendly message or None, file name to show) for an uploaded path, before decoding it."""
+    if image_path is None or str(image_path) == "":
+        return PROMPT, ""
+    name = Path(image_path).name
+    try:
+        size = os.path.getsize(image_path)
+    except OSError:
+        return _message("The upload was lost", "Please upload the photo again."), name
+    if size > MAX_UPLOAD_BYTES:
+        return _message("That file is too large",
+                        f"**{_escape_markdown(name)}** is {size / 2**20:.1f} MB; the demo accepts files up to "
+                        f"{MAX_UPLOAD_BYTES // 2**20} MB. A JPEG saved at a smaller size will work."), name
+    return None, name
+
+
+def _load(image_path: str | os.PathLike, name: str,
+          draft_size: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """(PIL image, None) or (None, friendly message), decoding with the library's checks."""
+    try:
+        return load_image(image_path, max_pixels=MAX_PIXELS, draft_size=draft_size), None
+    except ImageLoadError as error:
+        return None, _message("That file could not be used as a photo",
+                              f"**{_escape_markdown(name)}**: {_escape_markdown(error.reason)}.\n\n{LIMITS}")
+
+
+def decode_settings(strategy: str, beam_size: int, temperature: float, seed: float | None,
+                    n_best: int) -> tuple[DecodeConfig, str]:
+    """The DecodeConfig the demo's controls ask for, and a note when a setting had to be adjusted."""
+    beam_size, n_best = max(1, int(beam_size)), max(1, min(int(n_best), MAX_N_BEST))
+    note = ""
+    if strategy == "greedy" and n_best > 1:
+        n_best, note = 1, "Greedy decoding gives exactly one caption."
+    elif strategy == "beam" and n_best > beam_size:
+        n_best, note = beam_size, f"Beam search keeps {beam_size} beams, so it returns at most {beam_size} captions."
+    seed_value = None if seed is None or seed == "" else int(seed)
+    config = DecodeConfig(strategy=strategy, beam_size=beam_size, n_best=n_best,
+                          temperature=float(temperature), seed=seed_value)
+    return config, note
+
+
+def _describe(config: DecodeConfig) -> str:
+    if config.strategy == "beam":
+        return f"beam search, beam size {config.beam_size}"
+    if config.strategy == "sample":
+        seed = "random seed" if config.seed is None else f"seed {config.seed}"
+        return f"sampling, temperature {config.temperature:g}, {seed}"
+    return "greedy decoding"
+
+
+def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy: str = "beam",
+            beam_size: int = 3, temperature: float = 1.0, seed: float | None = 0,
+            n_best: int = 3) -> tuple[str, list[Row]]:
+    """Caption one uploaded file. Returns (Markdown: the best caption as a heading, or a friendly
+    message when the file cannot be used; n-best rows [rank, caption, log-prob, score], best first).
+    Never raises for a bad upload or bad settings."""
+    message, name = _check_upload(image_path)
+    if message is not None:
+        return message, []
+    try:
+        config, note = decode_settings(strategy, beam_size, temperature, seed, n_best)
+    except ValueError as error:
+        return _message("Those settings do not work together", _escape_markdown(str(error))), []
+    image, message = _load(image_path, name)
+    if image is None:
+        return message, []
+    try:
+        result = captioner.caption(image, config=config)[0]
+    except Exception:  # a bug, not the user's fault: log the traceback here, show no stack trace there
+        logger.exception("captioning %s failed", name)
+        return _message("Something went wrong while captioning",
+                        "The error was logged on the server. Please try another photo."), []
+    if result.error is not None or not result.captions:
+        reason = result.error.split(": ", 1)[-1] if result.error else "no caption was produced"
+        return _message("That photo could not be captioned", _escape_markdown(reason)), []
+
+    best = result.captions[0]
+    heading = best.text[:1].upper() + best.text[1:] if best.text else "(empty caption)"
+    details = [_describe(config), f"log-prob {best.log_prob:.2f}"]
+    if not best.finished:
+        details.append(f"cut off at {config.max_length} words")
+    markdown = f"## {_escape_markdown(heading)}\n\n*{_escape_markdown(' · '.join(details))}*"
+    if note:
+        markdown += f"\n\n{_escape_markdown(note)}"
+    rows = [[rank, caption.text + ("" if caption.finished else " …"), round(caption.log_prob, 3),
+             round(caption.score, 3)] for rank, caption in enumerate(result.captions, start=1)]
+    return markdown, rows
+
+
+def preview(image_path: str | os.PathLike | None) -> tuple[Image.Image | None, str]:
+    """(the photo as the model will see it, upright, at most PREVIEW_SIZE px; message for the caption area)."""
+    message, name = _check_upload(image_path)
+    if message is not None:
+        return None, message
+    image, message = _load(image_path, name, draft_size=PREVIEW_SIZE)
+    if image is None:
+        return None, message
+    image.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+    return image, READY
+
+
+def example_paths(examples_dir: str | Path | None = EXAMPLES_DIR) -> list[Path]:
+    if examples_dir is None or not Path(examples_dir).is_dir():
+        return []
+    return sorted(p for p in Path(examples_dir).iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
+
+
+def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR) -> gr.Blocks:
+    """The demo page for an already loaded Captioner, with Gradio's queue set up."""
+    import gradio as gr
+
+    def caption_upload(image_path, strategy, beam_size, temperature, seed, n_best):
+        return predict(captioner, image_path, strategy, beam_size, temperature, seed, n_best)
+
+    def show_controls(strategy):
+        return (gr.update(visible=strategy == "beam"), gr.update(visible=strategy == "sample"),
+                gr.update(visible=strategy == "sample"))
+
+    with gr.Blocks(title="captioner demo", analytics_enabled=False) as app:
+        gr.Markdown("# captioner\nA CNN reads the photo, an LSTM writes the caption.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                # The upload reaches us as a file path, not as gr.Image(type=...): gr.Image opens every
+                # upload with PIL itself first, so a renamed text file or a 50,000×50,000 PNG would fail
+                # inside Gradio with a bare "Error", and "pil"/"numpy" would decode it without our pixel
+                # limit. With gr.File, load_image alone decodes it: size limit, EXIF orientation, RGB,
+                # and an error message that says what is wrong with the file.
+                photo = gr.File(label="Photo", file_types=["image"], elem_id="photo")
+                shown = gr.Image(label="What the model sees", type="pil", interactive=False,
+                                 height=320, elem_id="preview")
+                strategy = gr.Radio(STRATEGIES, value="beam", label="Decoding", elem_id="strategy")
+                beam_size = gr.Slider(1, 10, value=3, step=1, label="Beam size")
+                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", visible=False)
+                seed = gr.Number(value=0, precision=0, label="Seed (empty: random)", visible=False)
+                n_best = gr.Slider(1, MAX_N_BEST, value=3, step=1, label="Captions to show (n-best)")
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+            with gr.Column(scale=1):
+                best = gr.Markdown(PROMPT, elem_id="best-caption")
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["number", "str", "number", "number"],
+                                     interactive=False, label="n-best (log-prob: sum of word log-probabilities)",
+                                     elem_id="nbest")
+                paths = example_paths(examples_dir)
+                if paths:
+                    # Two columns so the table shows thumbnails; a click fills the upload and the preview.
+                    gr.Examples([[str(p), str(p)] for p in paths], inputs=[photo, shown],
+                                label="Example photos (public domain / CC0)")
+
+        strategy.change(show_controls, strategy, [beam_size, temperature, seed], queue=False,
+                        api_visibility="private")
+        photo.change(preview, photo, [shown, best], api_visibility="private")
+        button.click(caption_upload, [photo, strategy, beam_size, temperature, seed, n_best], [best, table],
+                     api_name="caption")
+    app.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE, api_open=False)
+    return app
+
+
+def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          examples_dir: str | Path | None = EXAMPLES_DIR, prevent_thread_lock: bool = False) -> None:
+    """Start the server. Only the example photos are added to what Gradio may serve."""
+    allowed = [str(path.resolve()) for path in example_paths(examples_dir)]
+    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed,
+               max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock,
+               ssr_mode=False,  # client-side rendering: no Node.js needed
+               enable_monitoring=False, mcp_server=False, run_history=False,
+               footer_links=["api", "gradio", "settings"])
+
+
+def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
+           share: bool = False, device: str = "auto") -> None:
+    """Load the checkpoint once, then serve the demo until interrupted."""
+    import torch
+
+    from captioner.api import Captioner
+
+    # CONCURRENCY jobs share the cores; more torch threads than cores makes every job crawl.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
+    captioner = Captioner.from_pretrained(checkpoint_path, device=device)
+    serve(build_app(captioner), host=host, port=port, share=share)

@@ -1,0 +1,269 @@
+"""The web demo: `predict` called directly, then the real page driven in Debian's Chromium.
+
+The checkpoint is built here (a tiny decoder trained for a moment on random features), so these tests
+need neither the shipped model nor Flickr8k; the encoder is the real offline EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import zlib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.demo import EXAMPLES_DIR, build_app, example_paths, predict, serve
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+README_SCREENSHOT = REPO_ROOT / "docs" / "demo.png"
+SENTENCES = [
+    "a dog runs through the grass",
+    "a man in a red shirt rides a bike",
+    "two children play in the water",
+    "a black cat sits on a wooden chair",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # On a busy 2-core machine, torch's spinning intra-op threads make these tiny models ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory, one_torch_thread):
+    from captioner.api import Captioner
+    from captioner.checkpoint import save_checkpoint
+    from captioner.config import ModelConfig
+    from captioner.model import CaptionDecoder
+    from captioner.text import Vocabulary, tokenize
+
+    tokens = [tokenize(sentence) for sentence in SENTENCES]
+    vocab = Vocabulary.build(tokens, min_count=1)
+    config = ModelConfig(vocab_size=len(vocab), feature_dim=1280, embed_dim=32, hidden_dim=64, image_dim=32,
+                         dropout=0.0)
+    torch.manual_seed(0)
+    model = CaptionDecoder(config)
+    # Longest caption first, as the model's packing expects. The features are sparse and non-negative,
+    # like EfficientNet-Lite0's pooled output, so real photos get real words out of the tiny decoder.
+    order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+    encoded = [vocab.encode(tokens[i]) for i in order]
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    captions = torch.full((len(encoded), int(lengths.max())), vocab.pad_id, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        captions[row, :len(ids)] = torch.tensor(ids)
+    features = torch.relu(0.4 * torch.randn(len(encoded), config.feature_dim))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(100):
+        logits, targets = model(features, captions, lengths)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5, f"the tiny decoder did not learn its captions (loss {loss.item():.2f})"
+    path = save_checkpoint(tmp_path_factory.mktemp("checkpoint") / "model.safetensors", model, vocab,
+                           encoder={"encoder": "efficientnet_lite0"})
+    return Captioner.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def page_captioner(captioner):
+    """The shipped model when it is there (what users see, and a real README screenshot), else the tiny one."""
+    from captioner.api import Captioner
+    from captioner.checkpoint import resolve
+    from captioner.cli import default_checkpoint
+
+    shipped = resolve(default_checkpoint())
+    return Captioner.from_pretrained(shipped, device="cpu") if shipped.is_file() else captioner
+
+
+@pytest.fixture(scope="module")
+def example() -> Path:
+    paths = example_paths()
+    assert paths, f"no example photos in {EXAMPLES_DIR}"
+    return paths[0]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose IHDR declares width × height RGB pixels (the image data is far too short)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ predict()
+@pytest.mark.parametrize("strategy, n_best", [("beam", 3), ("sample", 4), ("greedy", 1)])
+def test_predict_captions_an_example(captioner, example, strategy, n_best):
+    markdown, rows = predict(captioner, str(example), strategy=strategy, beam_size=3, temperature=1.0,
+                             seed=0, n_best=n_best)
+    assert markdown.startswith("## ") and len(markdown.splitlines()[0]) > 3, markdown
+    assert len(rows) == n_best
+    assert [row[0] for row in rows] == list(range(1, n_best + 1))
+    assert all(row[1].strip() and row[2] <= 0 for row in rows), rows
+    if strategy == "beam":
+        assert [row[3] for row in rows] == sorted((row[3] for row in rows), reverse=True)
+
+
+def test_predict_sampling_is_seeded(captioner, example):
+    first = predict(captioner, str(example), strategy="sample", seed=7, n_best=2, temperature=1.5)
+    assert predict(captioner, str(example), strategy="sample", seed=7, n_best=2, temperature=1.5) == first
+
+
+def test_predict_adjusts_n_best_to_the_strategy(captioner, example):
+    markdown, rows = predict(captioner, str(example), strategy="beam", beam_size=2, n_best=5)
+    assert len(rows) == 2 and "at most 2 captions" in markdown
+    markdown, rows = predict(captioner, str(example), strategy="greedy", n_best=3)
+    assert len(rows) == 1 and "exactly one caption" in markdown
+
+
+def test_predict_explains_bad_uploads(captioner, tmp_path):
+    text_file = tmp_path / "holiday.jpg"
+    text_file.write_text("these are my holiday notes, not a photo\n")
+    bomb = _png_header_only(tmp_path / "huge.png", 50_000, 50_000)
+    just_too_many = _png_header_only(tmp_path / "big.png", 8_000, 6_000)  # 48 Mpixel: over our 40
+    too_large = tmp_path / "large.jpg"
+    with open(too_large, "wb") as handle:  # sparse: 21 MB on paper, nothing on disk
+        handle.truncate(21 * 1024 * 1024)
+    expected = {text_file: "not an image", bomb: "too many pixels", just_too_many: "too many pixels",
+                too_large: "too large"}
+    for path, words in expected.items():
+        markdown, rows = predict(captioner, str(path), strategy="beam", n_best=2)
+        assert rows == []
+        assert markdown.startswith("### ⚠️") and words in markdown.replace("\\", ""), (path.name, markdown)
+        assert "Traceback" not in markdown and str(tmp_path) not in markdown.replace("\\", "")
+    markdown, rows = predict(captioner, None)
+    assert rows == [] and "Upload a photo" in markdown
+
+
+def test_app_door_passes_its_arguments_to_launch(monkeypatch):
+    import importlib.util
+
+    import captioner.demo
+
+    calls = []
+    monkeypatch.setattr(captioner.demo, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    spec = importlib.util.spec_from_file_location("demo_app", REPO_ROOT / "demo" / "app.py")
+    door = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(door)
+    door.main(["--checkpoint", "ck.safetensors", "--port", "7999"])
+    door.main([])
+    assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False}),
+                     ((None,), {"host": "127.0.0.1", "port": 7860, "share": False})]
+
+
+# ------------------------------------------------------------------------------------ in a browser
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost: never via a proxy
+    try:
+        with opener.open(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _save_small_png(png: bytes, path: Path, max_bytes: int = 200_000) -> None:
+    """Write a screenshot, reduced to a 256-colour palette when needed to stay under max_bytes."""
+    import io
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(png) > max_bytes:
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(buffer, "PNG", optimize=True)
+        png = buffer.getvalue()
+    path.write_bytes(png)
+
+
+def test_demo_in_a_real_browser(page_captioner, example, tmp_path, monkeypatch):
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} not found (apt-get install chromium)"
+        if os.environ.get("CAPTIONER_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + "; the browser test is required when CAPTIONER_REQUIRE_SHARED_DATA=1")
+        pytest.skip(message + "; browser test skipped")
+    from playwright.sync_api import expect, sync_playwright
+
+    for variable in ("NO_PROXY", "no_proxy"):  # gradio checks its own startup over HTTP; keep that local
+        monkeypatch.setenv(variable, ",".join(filter(None, [os.environ.get(variable), "127.0.0.1", "localhost"])))
+
+    app = build_app(page_captioner)
+    port = _free_port()
+    serve(app, host="127.0.0.1", port=port, prevent_thread_lock=True)
+    outside_requests: list[str] = []
+
+    def local_only(route):  # the demo must work with no internet: refuse and record anything else
+        if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            outside_requests.append(route.request.url)
+            route.abort()
+
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 900})
+                page.route("**/*", local_only)
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                page.locator("#photo input[type=file]").set_input_files(str(example))
+                page.locator("#preview img").wait_for(timeout=20_000)  # uploaded and shown
+                page.locator("#caption-button").click()
+                heading = page.locator("#best-caption h2")
+                heading.wait_for(timeout=20_000)
+                caption = heading.inner_text().strip()
+                assert caption, "the page shows an empty caption"
+                expect(page.locator("#nbest")).to_contain_text(caption.lower(), timeout=5_000)
+                png = page.screenshot(full_page=True)
+
+                # A fresh page: sampling shows its own controls; a text file gets a message, not a trace.
+                not_a_photo = tmp_path / "notes.jpg"
+                not_a_photo.write_text("shopping list: bread, milk\n")
+                page.reload(wait_until="domcontentloaded")
+                page.get_by_text("Sampling", exact=True).click()
+                page.get_by_text("Temperature", exact=True).wait_for(timeout=5_000)
+                page.locator("#photo input[type=file]").set_input_files(str(not_a_photo))
+                page.locator("#best-caption h3").get_by_text("could not be used").wait_for(timeout=10_000)
+                page.locator("#caption-button").click()
+                page.locator("#best-caption").get_by_text("not an image").wait_for(timeout=10_000)
+            finally:
+                browser.close()
+        # Gradio serves the example photos and uploads, nothing else from this machine.
+        assert _status(f"http://127.0.0.1:{port}/gradio_api/file={example.resolve()}") == 200
+        for private in (REPO_ROOT / "pyproject.toml", EXAMPLES_DIR / "SOURCES.md", Path("/etc/passwd")):
+            assert _status(f"http://127.0.0.1:{port}/gradio_api/file={private.resolve()}") == 403, private
+    finally:
+        app.close()
+    _save_small_png(png, tmp_path / "demo.png")
+    if not README_SCREENSHOT.exists() or os.environ.get("CAPTIONER_UPDATE_SCREENSHOT") == "1":
+        _save_small_png(png, README_SCREENSHOT)
+    assert not outside_requests, f"the page tried to reach the internet: {outside_requests}"
