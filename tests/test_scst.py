@@ -1,0 +1,317 @@
+"""Self-critical training: the fixed-df CIDEr-D reward, sampling with gradients, baselines, learning, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint
+from captioner.config import DecodeConfig, ModelConfig
+from captioner.data.records import CaptionRecord
+from captioner.metrics import CiderD, CiderDReward
+from captioner.model import CaptionDecoder
+from captioner.scst import (
+    BEST,
+    CURVES,
+    LAST,
+    LOG,
+    ScstConfig,
+    _draw,
+    advantages,
+    caption_words,
+    mean_reward,
+    reference_tokens,
+    sample_captions,
+    train_scst,
+)
+from captioner.text import Vocabulary, tokenize
+from captioner.training import encode_split
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------ the reward
+
+def _random_corpus(images: int, seed: int) -> tuple[list[list[list[str]]], list[list[str]]]:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(40)]
+    refs = [[rng.choices(words, k=rng.randint(3, 12)) for _ in range(rng.randint(1, 5))] for _ in range(images)]
+    hyps = []
+    for i, image_refs in enumerate(refs):
+        kind = i % 5
+        if kind == 0:
+            hyps.append(list(image_refs[0]))  # a copy of a reference
+        elif kind == 1:
+            hyps.append([])  # empty
+        elif kind == 2:
+            hyps.append(rng.choices(words, k=rng.randint(2, 14)))  # random words
+        elif kind == 3:
+            hyps.append([*image_refs[-1][:4], "unseen", "words", *image_refs[0]])  # n-grams no reference has
+        else:
+            hyps.append(list(refs[(i + 1) % images][0]))  # another image's reference
+    return refs, hyps
+
+
+def test_reward_equals_ciderd_when_df_comes_from_the_scored_set():
+    refs, hyps = _random_corpus(60, seed=1)
+    _, expected = CiderD().compute_score({i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)},
+                                         {i: " ".join(h) for i, h in enumerate(hyps)}, tokenized=True)
+    scorer = CiderDReward(refs)
+    expected_array = np.array([expected[i] for i in range(len(refs))])
+    assert scorer.score(hyps, refs) == pytest.approx(expected_array, abs=1e-10)
+    assert scorer.score_images(hyps, list(range(len(refs)))) == pytest.approx(expected_array, abs=1e-10)
+    assert expected_array.max() > 1.0  # the case is not trivially all zeros
+
+
+def test_reward_df_is_fixed_by_the_corpus_not_by_the_batch():
+    refs, hyps = _random_corpus(60, seed=2)
+    scorer = CiderDReward(refs)
+    everything = scorer.score_images(hyps, list(range(60)))
+    # Scored in small batches, in another order, several hypotheses per image: the same numbers.
+    order = list(range(59, -1, -1))
+    pieces = [scorer.score_images([hyps[i] for i in order[s:s + 7]], order[s:s + 7]) for s in range(0, 60, 7)]
+    assert np.concatenate(pieces) == pytest.approx(everything[order], abs=1e-12)
+    repeated = scorer.score_images([hyps[3]] * 5, [3] * 5)
+    assert repeated == pytest.approx([everything[3]] * 5, abs=1e-12)
+    # CiderD over a subset counts df over that subset only, so it disagrees.
+    subset = {i: [" ".join(r) for r in refs[i]] for i in range(5)}
+    _, local = CiderD().compute_score(subset, {i: " ".join(hyps[i]) for i in range(5)}, tokenized=True)
+    assert any(abs(local[i] - everything[i]) > 1e-3 for i in range(5))
+
+
+def test_reward_against_references_outside_the_corpus():
+    scorer = CiderDReward([[["a", "dog"]], [["a", "cat"]]])
+    # Every n-gram is new to the corpus (df 0, idf log 2) and the hypothesis copies the only reference.
+    sentence = ["two", "birds", "sing", "in", "trees"]
+    assert scorer.score([sentence], [[sentence]]) == pytest.approx([10.0])
+    assert scorer.score([["no", "match"]], [[sentence]]) == pytest.approx([0.0])
+    with pytest.raises(ValueError, match="one reference list per hypothesis"):
+        scorer.score([sentence], [])
+
+
+def test_reward_scores_many_hypotheses_quickly():
+    refs, _ = _random_corpus(1000, seed=3)
+    scorer = CiderDReward(refs)
+    rng = random.Random(0)
+    hyps = [rng.choice(refs[i // 5])[: rng.randint(1, 12)] for i in range(5000)]
+    start = time.perf_counter()
+    scores = scorer.score_images(hyps, [i // 5 for i in range(5000)])
+    assert time.perf_counter() - start < 3.0
+    assert scores.shape == (5000,) and (scores > 0).mean() > 0.5
+
+
+@pytest.mark.shared_data
+def test_reward_equals_ciderd_on_flickr8k_references(flickr8k_dir):
+    """The same check on real captions (CiderD itself is checked against pycocoevalcap in test_metrics)."""
+    data = json.loads((flickr8k_dir / "dataset_flickr8k.json").read_text())
+    references = [[s["raw"] for s in image["sentences"]] for image in data["images"] if image["split"] == "test"]
+    references = references[:300]
+    hypotheses = [refs[0] if i % 3 == 0 else references[(i + 5) % 300][1] if i % 3 == 1 else refs[2][:25]
+                  for i, refs in enumerate(references)]
+    _, expected = CiderD().compute_score(dict(enumerate(references)), dict(enumerate(hypotheses)))
+    scorer = CiderDReward([[tokenize(r) for r in refs] for refs in references])
+    ours = scorer.score_images([tokenize(h) for h in hypotheses], list(range(300)))
+    assert ours == pytest.approx([expected[i] for i in range(300)], abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+def test_mean_baseline_gives_zero_mean_advantages_per_image():
+    rewards = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)) * 3
+    advantage = advantages(rewards, "mean")
+    assert advantage.sum(dim=1) == pytest.approx(torch.zeros(6), abs=1e-5)
+    others = (rewards[2].sum() - rewards[2, 1]) / 4
+    assert float(advantage[2, 1]) == pytest.approx(float(rewards[2, 1] - others))
+
+
+def test_greedy_baseline_subtracts_the_greedy_reward():
+    rewards = torch.tensor([[1.0, 2.0], [0.5, 0.0]])
+    assert torch.equal(advantages(rewards, "greedy", torch.tensor([1.0, 0.5])), torch.tensor([[0.0, 1.0], [0.0, -0.5]]))
+    with pytest.raises(ValueError, match="greedy_rewards"):
+        advantages(rewards, "greedy")
+    with pytest.raises(ValueError, match="at least 2"):
+        ScstConfig(samples_per_image=1)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+COLOURS = ["red", "blue", "green", "black"]
+ANIMALS = ["dog", "cat"]
+
+
+def _records(split: str) -> tuple[list[CaptionRecord], torch.Tensor]:
+    """8 images, each a (colour, animal) pair with three captions; features identify the pair."""
+    records = []
+    for i, (colour, animal) in enumerate((c, a) for c in COLOURS for a in ANIMALS):
+        captions = [f"a {colour} {animal} runs on the grass .", f"the {colour} {animal} is running .",
+                    f"a {animal} that is {colour} ."]
+        records.append(CaptionRecord(f"{split}{i}.jpg", f"/nowhere/{split}{i}.jpg", captions, split))
+    features = torch.randn(len(records), 12, generator=torch.Generator().manual_seed(5 if split == "train" else 6))
+    if split == "val":  # the same pairs, features close to the training ones
+        features = _records("train")[1] + 0.05 * features
+    return records, features
+
+
+def _vocab() -> Vocabulary:
+    records, _ = _records("train")
+    return Vocabulary.build((tokenize(c) for r in records for c in r.captions), min_count=1)
+
+
+def _pretrained(path, steps: int = 10, dropout: float = 0.1, seed: int = 0):
+    """A small decoder trained a little with cross-entropy, saved as the SCST starting point."""
+    torch.manual_seed(seed)
+    records, features = _records("train")
+    vocab = _vocab()
+    model = CaptionDecoder(ModelConfig(vocab_size=len(vocab), feature_dim=12, embed_dim=16, hidden_dim=32,
+                                       image_dim=16, dropout=dropout))
+    data = encode_split(records, features, vocab, max_caption_length=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits, targets = model(*data.batch(torch.arange(len(data.lengths))))
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_checkpoint(path, model, vocab, {"encoder": "test"}, {"seed": seed, "data_fingerprint": "toy"})
+
+
+def _teacher_forced_log_probs(model: CaptionDecoder, features: torch.Tensor, tokens: torch.Tensor,
+                              lengths: torch.Tensor, start_id: int) -> torch.Tensor:
+    """Sum over each row's emitted tokens of log_softmax(model.forward logits), row order kept."""
+    captions = torch.cat([torch.full((tokens.size(0), 1), start_id), tokens], dim=1)  # <start> + emitted
+    caption_lengths = lengths + 1
+    order = torch.argsort(caption_lengths, descending=True)
+    logits, targets = model(features[order], captions[order], caption_lengths[order])
+    token_log_probs = torch.log_softmax(logits, dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    row_of_token = pack_padded_sequence(order.unsqueeze(1).expand(-1, tokens.size(1)), lengths[order],
+                                        batch_first=True).data
+    return torch.zeros(tokens.size(0)).index_add(0, row_of_token, token_log_probs)
+
+
+def test_sampled_log_probs_match_teacher_forcing(tmp_path):
+    checkpoint = load_checkpoint(_pretrained(tmp_path / "init.safetensors", steps=5))
+    model, vocab = checkpoint.model, checkpoint.vocab  # eval mode: no dropout, so both passes agree
+    _, features = _records("train")
+    torch.manual_seed(0)
+    sampled = sample_captions(model, features, vocab, samples_per_image=3, max_length=6)
+    assert sampled.log_probs.requires_grad
+    assert sampled.tokens.shape == (24, 6)
+    assert sampled.finished.any() and not sampled.finished.all()  # some rows cut at max_length
+    recomputed = _teacher_forced_log_probs(model, features.repeat_interleave(3, dim=0), sampled.tokens,
+                                           sampled.lengths, vocab.start_id)
+    assert sampled.log_probs.detach() == pytest.approx(recomputed.detach(), abs=1e-4)
+    # Tokens past a row's length are padding; a finished row's last token is <end>.
+    for row, length in enumerate(sampled.lengths.tolist()):
+        assert (sampled.tokens[row, length:] == vocab.pad_id).all()
+        assert (sampled.tokens[row, length - 1] == vocab.end_id) == sampled.finished[row]
+    # The gradient reaches the weights.
+    sampled.log_probs.sum().backward()
+    assert model.output.weight.grad is not None and model.output.weight.grad.abs().sum() > 0
+
+
+def test_draw_follows_the_probabilities():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(40000, -1)
+    drawn = _draw(probs, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).double() / len(drawn)
+    assert frequencies[1] == 0
+    assert frequencies.tolist() == pytest.approx([0.2, 0.0, 0.5, 0.3], abs=0.01)
+
+
+def test_sampling_never_draws_pad_start_or_unk(tmp_path):
+    checkpoint = load_checkpoint(_pretrained(tmp_path / "init.safetensors", steps=0))
+    model, vocab = checkpoint.model, checkpoint.vocab
+    with torch.no_grad():  # make the banned tokens by far the most likely
+        for banned in (vocab.pad_id, vocab.start_id, vocab.unk_id):
+            model.output.bias[banned] = 30.0
+    _, features = _records("train")
+    sampled = sample_captions(model, features, vocab, samples_per_image=4, max_length=8,
+                              generator=torch.Generator().manual_seed(0))
+    emitted = torch.cat([row[:length] for row, length in zip(sampled.tokens, sampled.lengths, strict=True)])
+    assert not torch.isin(emitted, torch.tensor([vocab.pad_id, vocab.start_id, vocab.unk_id])).any()
+    assert all(w not in ("<pad>", "<start>", "<unk>") for words in caption_words(sampled.tokens, vocab)
+               for w in words)
+
+
+# ------------------------------------------------------------------------------------ training
+
+def _config(epochs: int = 4, baseline: str = "mean") -> ScstConfig:
+    return ScstConfig(epochs=epochs, batch_images=2, samples_per_image=5, lr=1e-2, max_length=10, patience=10,
+                      seed=3, baseline=baseline, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=10))
+
+
+def _train(out_dir, init, epochs=4, resume=False, stop_after=None, baseline="mean"):
+    train_records, train_features = _records("train")
+    val_records, val_features = _records("val")
+
+    def stop(entry):
+        if stop_after is not None and entry["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    return train_scst(train_records, train_features, val_records, val_features, out_dir, init,
+                      _config(epochs, baseline), resume=resume, progress=False, on_epoch_end=stop)
+
+
+def test_scst_raises_the_reward(tmp_path):
+    init = _pretrained(tmp_path / "init.safetensors")
+    records, features = _records("train")
+    scorer = CiderDReward(reference_tokens(records))
+    initial = load_checkpoint(init)
+    # The probe samples 50 captions per image in eval mode: far less noisy than one epoch's 40 samples.
+    before = mean_reward(initial.model, initial.vocab, scorer, features, samples_per_image=50, max_length=10)
+
+    best = _train(tmp_path / "run", init, epochs=8)
+    log = [json.loads(line) for line in (tmp_path / "run" / LOG).read_text().splitlines()]
+    assert [e["epoch"] for e in log] == list(range(9))
+    assert log[0]["mean_reward"] is None  # epoch 0: the initial model, validated only
+    assert {"mean_reward", "loss", "val", "train_seconds", "val_seconds", "reward_seconds"} <= log[1].keys()
+    rewards = [e["mean_reward"] for e in log[1:]]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:2])
+    for name in (BEST, LAST, CURVES):
+        assert (tmp_path / "run" / name).is_file()
+
+    final, _ = read_raw(tmp_path / "run" / LAST)
+    model = initial.model
+    model.load_state_dict({k[6:]: v for k, v in final.items() if k.startswith("model.")})
+    after = mean_reward(model, initial.vocab, scorer, features, samples_per_image=50, max_length=10)
+    assert after > before + 0.15, (before, after)
+    checkpoint = load_checkpoint(best)
+    assert checkpoint.info["stage"] == "scst" and checkpoint.info["seed"] == 3
+    assert checkpoint.encoder == {"encoder": "test"} and checkpoint.info["data_fingerprint"] == "toy"
+    best_epoch = max(log, key=lambda e: e["val"]["CIDEr-D"])
+    assert checkpoint.info["val_metrics"] == best_epoch["val"]
+
+
+def test_greedy_baseline_runs(tmp_path):
+    init = _pretrained(tmp_path / "init.safetensors")
+    _train(tmp_path / "run", init, epochs=1, baseline="greedy")
+    log = [json.loads(line) for line in (tmp_path / "run" / LOG).read_text().splitlines()]
+    assert "mean_greedy_reward" in log[1]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    init = _pretrained(tmp_path / "init.safetensors")
+    _train(tmp_path / "straight", init, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "interrupted", init, epochs=3, stop_after=1)
+    _train(tmp_path / "interrupted", init, epochs=3, resume=True)
+    straight, _ = read_raw(tmp_path / "straight" / LAST)
+    resumed, _ = read_raw(tmp_path / "interrupted" / LAST)
+    for key, value in straight.items():
+        if key.startswith("model."):
+            assert torch.equal(value, resumed[key]), key
+    log = (tmp_path / "interrupted" / LOG).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="other settings"):
+        _train(tmp_path / "interrupted", init, epochs=5, resume=True)
