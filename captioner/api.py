@@ -56,7 +56,7 @@ class Captioner:
         if expected_hash and encoder.weights_hash != expected_hash:
             raise ValueError(f"{checkpoint.path}: trained on {encoder_name} weights {expected_hash}, but the "
                              f"loaded weights hash to {encoder.weights_hash}; the captions would be wrong")
-        encoder.module.to(device_)
+        encoder.to(device_)
         return cls(checkpoint, encoder, device_)
 
     @property
@@ -73,7 +73,7 @@ class Captioner:
                 batch_size: int = 32, **overrides: Any) -> list[CaptionResult]:
         """Caption PIL images, paths or encoded bytes. Options are DecodeConfig fields, e.g.
         `strategy="beam", beam_size=3, n_best=1`. An unreadable image gets a result with `.error`."""
-        from captioner.encoder import features_for_images
+        from captioner.features import features_for_images
         from captioner.images import ImageLoadError, load_image
 
         if not isinstance(images, list):
@@ -92,7 +92,7 @@ class Captioner:
                     result.error = str(error)
                 chunk_results.append(result)
             if loaded:
-                features = features_for_images(self.encoder, loaded, device=self.device)
+                features = features_for_images(self.encoder, loaded)
                 captions = iter(self.caption_features(features, config))
                 for result in chunk_results:
                     if result.error is None:

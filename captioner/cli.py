@@ -90,13 +90,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     from captioner.training import train_on_cache
 
     dataset = load_data(args)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    if args.scst:
+        return _train_scst(args, dataset)
+    if args.init_from:
+        raise ValueError("--init-from goes with --scst (fine-tuning a trained checkpoint)")
+    defaults = TrainConfig()
+    config = TrainConfig(epochs=args.epochs or defaults.epochs, batch_size=args.batch_size,
+                         lr=args.lr or defaults.lr, seed=args.seed,
                          label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
                          patience=args.patience, val_max_images=args.val_images,
                          val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
                     "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
     best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def _train_scst(args: argparse.Namespace, dataset) -> int:
+    from captioner.scst import ScstConfig, train_scst
+    from captioner.training import cached_splits
+
+    if not args.init_from:
+        raise ValueError("--scst fine-tunes a trained model: give its checkpoint with --init-from")
+    splits = cached_splits(dataset, args.features)
+    defaults = ScstConfig()
+    config = ScstConfig(epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr,
+                        samples_per_image=args.scst_samples, batch_images=args.scst_batch_images,
+                        baseline=args.scst_baseline, patience=args.patience, seed=args.seed,
+                        val_max_images=args.val_images,
+                        val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
+    splits.pop("encoder")
+    best = train_scst(**splits, out_dir=args.out, init_checkpoint=args.init_from, config=config,
+                      resume=args.resume)
     print(f"best checkpoint: {best}")
     return 0
 
@@ -153,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="results file: .jsonl, .csv or .json (default: print)")
     p.add_argument("--resume", action="store_true", help="skip images already in --output")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="image loading processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_decode_arguments(p)
     p.set_defaults(func=cmd_caption)
@@ -179,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder (resumed if it exists)")
     p.add_argument("--splits", default="train,val,test")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None,
+                   help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_features)
 
@@ -189,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="feature cache made by `captioner features`")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default: {defaults.epochs} (cross-entropy), 10 (--scst)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--lr", type=float, default=None, help=f"default: {defaults.lr} (cross-entropy), 5e-5 (--scst)")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
     p.add_argument("--patience", type=int, default=defaults.patience)
@@ -204,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=model_defaults.num_layers)
     p.add_argument("--dropout", type=float, default=model_defaults.dropout)
     p.add_argument("--image-input", choices=["every", "first"], default=model_defaults.image_input)
+    scst = p.add_argument_group("self-critical fine-tuning (SCST, reward = CIDEr-D)")
+    scst.add_argument("--scst", action="store_true", help="fine-tune --init-from with SCST instead of XE training")
+    scst.add_argument("--init-from", default=None, help="the cross-entropy checkpoint to fine-tune")
+    scst.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
+    scst.add_argument("--scst-batch-images", type=int, default=50, help="images per update")
+    scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
+                      help="mean reward of the other samples, or the greedy caption's reward")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("demo", help="start the Gradio web demo")

@@ -51,7 +51,7 @@ def coco_result_id(record: CaptionRecord) -> int | str:
 
 
 def image_features(records: list[CaptionRecord], encoder_name: str, features_dir: str | Path | None,
-                   batch_size: int, device: torch.device) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+                   batch_size: int, device: torch.device, weights_hash: str | None = None) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
     """Features for the records: from a cache when given (it must match the checkpoint's encoder),
     else by running the CNN. Returns the records that have features, the features, and problems."""
     from captioner.features import FeatureCache, compute_features
@@ -61,6 +61,9 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
         if cache.meta.get("encoder") != encoder_name:
             raise ValueError(f"{features_dir}: features from encoder {cache.meta.get('encoder')!r}, but the "
                              f"checkpoint was trained on {encoder_name!r} features")
+        if weights_hash and cache.meta.get("weights_hash") != weights_hash:
+            raise ValueError(f"{features_dir}: features from {encoder_name} weights {cache.meta.get('weights_hash')}, "
+                             f"but the checkpoint was trained on weights {weights_hash}")
         kept = [r for r in records if r.image_id in cache]
         problems = [f"{r.image_path}: no cached feature" for r in records if r.image_id not in cache]
         return kept, cache.get_batch([r.image_id for r in kept]), problems
@@ -87,7 +90,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: Any, split: str, c
         raise ValueError(f"the dataset has no {split!r} images")
     started = time.perf_counter()
     records, features, problems = image_features(records, checkpoint.encoder.get("encoder", "efficientnet_lite0"),
-                                                 features_dir, batch_size, device_)
+                                                 features_dir, batch_size, device_,
+                                                 checkpoint.encoder.get("weights_hash"))
     for problem in problems:
         print(f"warning: skipped {problem}")
     feature_seconds = time.perf_counter() - started

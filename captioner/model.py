@@ -177,9 +177,10 @@ class CaptionDecoder(nn.Module):
         """Feed one token per row (B,); return next-token log-probs (B, V) and the new state."""
         h, c, image_gates = state
         w_x, _ = self._split_input_weights()
-        gates0 = self.embed(tokens) @ w_x.T + self._layer_weights(0)[2] + image_gates
+        # dropout as in forward(), so training-mode steps (SCST sampling) match teacher forcing
+        gates0 = self.dropout(self.embed(tokens)) @ w_x.T + self._layer_weights(0)[2] + image_gates
         h, c = self._step_layers(gates0, h, c)
-        log_probs = torch.log_softmax(self.output(h[:, -1]), dim=-1)
+        log_probs = torch.log_softmax(self.output(self.dropout(h[:, -1])), dim=-1)
         return log_probs, (h, c, image_gates)
 
 

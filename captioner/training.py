@@ -83,8 +83,8 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def validate(model: CaptionDecoder, vocab: Vocabulary, records: list[CaptionRecord], features: Tensor,
-             config: TrainConfig) -> dict[str, float]:
-    """Decode the val images for real (never teacher-forced) and score them."""
+             config: Any) -> dict[str, float]:
+    """Decode the val images for real (never teacher-forced) with `config.val_decode` and score them."""
     captions = decode_features(model, vocab, features, config.val_decode)
     references = {r.image_id: r.captions for r in records}
     hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
@@ -110,16 +110,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tens
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+def _plot_curves(history: list[dict[str, Any]], path: Path, left_key: str = "train_loss",
+                 left_title: str = "training loss (teacher forced)", left_label: str = "cross-entropy") -> None:
+    """`left_key` per epoch on the left (epochs without it are skipped), val scores on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    trained = [h for h in history if h.get(left_key) is not None]
     epochs = [h["epoch"] for h in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(title="training loss (teacher forced)", xlabel="epoch", ylabel="cross-entropy")
+    left.plot([h["epoch"] for h in trained], [h[left_key] for h in trained], marker="o")
+    left.set(title=left_title, xlabel="epoch", ylabel=left_label)
     right.plot(epochs, [h["val"]["CIDEr-D"] for h in history], marker="o", label="val CIDEr-D")
     right.plot(epochs, [h["val"]["BLEU-4"] for h in history], marker="s", label="val BLEU-4")
     right.set(title="validation (real decoding)", xlabel="epoch")
@@ -258,11 +261,8 @@ def split_with_features(dataset: Any, cache: Any, split: str) -> tuple[list[Capt
     return kept, cache.get_batch([r.image_id for r in kept])
 
 
-def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
-                   model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
-                   resume: bool = False, progress: bool = True,
-                   on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Train on a dataset's train split with features from a cache; select on its val split."""
+def cached_splits(dataset: Any, features_dir: str | Path) -> dict[str, Any]:
+    """Train and val records with their cached features, and the cache's encoder description."""
     from captioner.features import FeatureCache
 
     cache = FeatureCache.open(features_dir)
@@ -270,6 +270,15 @@ def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
     val_records, val_features = split_with_features(dataset, cache, "val")
     encoder = {k: cache.meta[k] for k in ("encoder", "weights_hash", "preprocessing", "feature_dim")
                if k in cache.meta}
-    return train(train_records, train_features, val_records, val_features, out_dir, model_config, config,
-                 encoder=encoder, resume=resume, data_fingerprint=dataset.fingerprint(), progress=progress,
+    return {"train_records": train_records, "train_features": train_features, "val_records": val_records,
+            "val_features": val_features, "encoder": encoder}
+
+
+def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
+                   model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
+                   resume: bool = False, progress: bool = True,
+                   on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Train on a dataset's train split with features from a cache; select on its val split."""
+    return train(**cached_splits(dataset, features_dir), out_dir=out_dir, model_config=model_config,
+                 config=config, resume=resume, data_fingerprint=dataset.fingerprint(), progress=progress,
                  on_epoch_end=on_epoch_end)

@@ -1,0 +1,176 @@
+"""Caption files, folders and globs in batches: `captioner caption PATH...`.
+
+Images are loaded and preprocessed by DataLoader workers while the main process runs the CNN and the
+batched decoder, so loading overlaps decoding. An unreadable file becomes an error row (path and
+reason, also on stderr) and the rest continue. Results are appended and flushed batch by batch, so a
+crash loses at most the batch in flight, and `--resume` skips images already in the output file.
+
+Exit status: 0 every image captioned, 1 some failed, 2 bad usage (e.g. the output exists without
+--resume, or no checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from captioner.config import DecodeConfig
+from captioner.utils import progress_bar, write_text_atomic
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CSV_FIELDS = ["image", "rank", "caption", "log_prob", "score", "error"]
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def expand_inputs(inputs: Iterable[str], recursive: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files, folders and glob patterns -> (image paths in a stable order, [(input, problem)]).
+
+    Folders contribute files with an image extension (sorted; sub-folders only with `recursive`,
+    never following symlinked folders, so a symlink loop cannot trap the walk). A named file is
+    always tried, whatever its extension.
+    """
+    paths: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths.extend(_scan_folder(item, recursive))
+        elif os.path.lexists(item):
+            paths.append(item)
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=recursive))
+            if not matches:
+                problems.append((item, "no file matches this pattern"))
+            for match in matches:
+                paths.extend(_scan_folder(match, recursive) if os.path.isdir(match) else [match])
+        else:
+            problems.append((item, "no such file or folder"))
+    seen: set[str] = set()
+    unique = [p for p in paths if not (p in seen or seen.add(p))]
+    return unique, problems
+
+
+def _scan_folder(folder: str, recursive: bool) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        if not recursive:
+            dirs.clear()
+        found.extend(os.path.join(root, f) for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    return found
+
+
+# --------------------------------------------------------------------------------------- outputs
+class ResultWriter:
+    """Appends result rows to .jsonl / .csv (flushed and fsync'd per batch) or rewrites .json
+    atomically per batch; reads back what an earlier run wrote, for --resume."""
+
+    def __init__(self, path: str | Path, resume: bool):
+        self.path = Path(path)
+        self.format = self.path.suffix.lower().lstrip(".")
+        if self.format not in ("jsonl", "csv", "json"):
+            raise ValueError(f"--output {self.path}: use a .jsonl, .csv or .json file")
+        if self.path.exists() and not resume:
+            raise ValueError(f"--output {self.path} already exists; pass --resume to continue it, or choose "
+                             "another name (nothing is overwritten)")
+        self.rows: list[dict[str, Any]] = self._read_existing() if self.path.exists() else []
+        self.done = {row["image"] for row in self.rows}
+
+    def _read_existing(self) -> list[dict[str, Any]]:
+        text = self.path.read_text(encoding="utf-8")
+        if self.format == "json":
+            return json.loads(text) if text.strip() else []
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):  # a line cut by a crash: drop it, it will be redone
+            lines = lines[:-1]
+            self.path.write_text("".join(lines), encoding="utf-8")
+        if self.format == "jsonl":
+            return [json.loads(line) for line in lines if line.strip()]
+        rows = list(csv.DictReader(io.StringIO("".join(lines))))
+        return [{"image": row["image"]} for row in rows]
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.format == "json":
+            self.rows.extend(rows)
+            write_text_atomic(self.path, json.dumps(self.rows, indent=1, ensure_ascii=False))
+            return
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+            if self.format == "jsonl":
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            else:
+                writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+                if new_file:
+                    writer.writeheader()
+                for row in rows:
+                    writer.writerows(_csv_rows(row))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _csv_rows(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    if row["error"]:
+        yield {"image": row["image"], "rank": "", "caption": "", "log_prob": "", "score": "", "error": row["error"]}
+    for rank, caption in enumerate(row["captions"], start=1):
+        yield {"image": row["image"], "rank": rank, "caption": caption["text"],
+               "log_prob": f"{caption['log_prob']:.4f}", "score": f"{caption['score']:.4f}", "error": ""}
+
+
+def _row(image: str, captions: list | None = None, error: str | None = None) -> dict[str, Any]:
+    captions = [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
+                for c in captions or []]
+    return {"image": image, "caption": captions[0]["text"] if captions else None, "captions": captions,
+            "error": error}
+
+
+# ------------------------------------------------------------------------------------------ run
+def caption_paths(inputs: list[str], checkpoint: str | Path, config: DecodeConfig, output: str | None = None,
+                  recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
+                  device: str = "auto", progress: bool = True) -> int:
+    """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed)."""
+    from captioner.api import Captioner
+    from captioner.features import encode_images, image_loader
+
+    paths, problems = expand_inputs(inputs, recursive)
+    writer = ResultWriter(output, resume) if output else None
+    captioner = Captioner.from_pretrained(checkpoint, device=device)
+    if writer is not None and writer.done:
+        before = len(paths)
+        paths = [p for p in paths if p not in writer.done]
+        print(f"resuming: {before - len(paths)} images already in {writer.path}", file=sys.stderr)
+
+    failures = 0
+
+    def emit(rows: list[dict[str, Any]]) -> None:
+        nonlocal failures
+        for row in rows:
+            if row["error"]:
+                failures += 1
+                print(f"error: {row['image']}: {row['error']}", file=sys.stderr)
+            elif writer is None:
+                print(f"{row['image']}\t{row['caption']}" if config.n_best == 1 else
+                      f"{row['image']}\n" + "".join(f"  {c['score']:8.3f}  {c['text']}\n" for c in row["captions"]),
+                      flush=True)
+        if writer is not None:
+            writer.write(rows)
+
+    emit([_row(item, error=problem) for item, problem in problems])
+    loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
+    bar = progress_bar(loader, desc="captioning", enabled=progress, total=len(loader), unit="batch")
+    for batch in bar:
+        rows = {index: _row(paths[index], error=reason) for index, reason in batch.failures}
+        if batch.indices:
+            features = encode_images(captioner.encoder, batch.images)
+            for index, captions in zip(batch.indices, captioner.caption_features(features, config), strict=True):
+                rows[index] = _row(paths[index], captions)
+        emit([rows[i] for i in sorted(rows)])
+    total = len(paths) + len(problems)
+    print(f"captioned {total - failures} of {total} images" + (f"; {failures} failed" if failures else "")
+          + (f"; results in {writer.path}" if writer else ""), file=sys.stderr)
+    return 1 if failures else 0

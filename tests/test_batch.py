@@ -1,0 +1,96 @@
+"""`captioner caption`: good files get captions, bad files error rows, exit status, resume."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from captioner.batch import ResultWriter, expand_inputs
+from captioner.cli import main
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, flickr8k_dir):
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    names = sorted(p.name for p in (flickr8k_dir / "images").iterdir())[:5]
+    shutil.copy(flickr8k_dir / "images" / names[0], folder / "one dog.jpg")
+    shutil.copy(flickr8k_dir / "images" / names[1], folder / "ünïcode.jpg")
+    shutil.copy(flickr8k_dir / "images" / names[2], folder / "nested" / "deep.jpg")
+    (folder / "notes.jpg").write_text("this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    data = (flickr8k_dir / "images" / names[3]).read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "readme.txt").write_text("ignored: not an image extension")
+    (folder / "nested" / "loop").symlink_to(folder, target_is_directory=True)
+    return folder
+
+
+def test_expand_inputs_folders_globs_and_missing(mixed_folder):
+    flat, problems = expand_inputs([str(mixed_folder)])
+    assert {p.rsplit("/", 1)[1] for p in flat} == {"one dog.jpg", "ünïcode.jpg", "notes.jpg", "empty.png",
+                                                   "truncated.jpg"}
+    deep, _ = expand_inputs([str(mixed_folder)], recursive=True)
+    assert any(p.endswith("nested/deep.jpg") for p in deep) and len(deep) == 6  # the symlink loop is not followed
+    globbed, problems = expand_inputs([str(mixed_folder / "*.png"), str(mixed_folder / "missing.jpg")])
+    assert [p.rsplit("/", 1)[1] for p in globbed] == ["empty.png"]
+    assert problems == [(str(mixed_folder / "missing.jpg"), "no such file or folder")]
+
+
+@pytest.mark.shared_data
+def test_caption_folder_with_broken_files(tiny_run, mixed_folder, tmp_path, capsys):
+    output = tmp_path / "results.jsonl"
+    status = main(["caption", str(mixed_folder), "--recursive", "--checkpoint", str(tiny_run["checkpoint"]),
+                   "--output", str(output), "--batch-size", "2"])
+    assert status == 1
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    by_name = {row["image"].rsplit("/", 1)[1]: row for row in rows}
+    assert len(rows) == 6
+    for good in ("one dog.jpg", "ünïcode.jpg", "deep.jpg"):
+        assert by_name[good]["caption"] and by_name[good]["error"] is None
+    for bad in ("notes.jpg", "empty.png", "truncated.jpg"):
+        assert by_name[bad]["caption"] is None and by_name[bad]["error"]
+    err = capsys.readouterr().err
+    assert "notes.jpg" in err and "3 failed" in err
+
+    # nothing is overwritten without --resume
+    assert main(["caption", str(mixed_folder), "--checkpoint", str(tiny_run["checkpoint"]),
+                 "--output", str(output)]) == 2
+    # --resume redoes nothing already written, and finishes a file cut mid-line
+    text = output.read_text()
+    output.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + '{"image": "half')
+    assert main(["caption", str(mixed_folder), "--recursive", "--checkpoint", str(tiny_run["checkpoint"]),
+                 "--output", str(output), "--resume"]) in (0, 1)
+    resumed = [json.loads(line) for line in output.read_text().splitlines()]
+    assert resumed[:5] == rows[:5] and len(resumed) == 6
+    assert {r["image"] for r in resumed} == {r["image"] for r in rows}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_other_output_formats(tiny_run, mixed_folder, tmp_path, suffix):
+    output = tmp_path / f"results{suffix}"
+    status = main(["caption", str(mixed_folder / "one dog.jpg"), str(mixed_folder / "notes.jpg"), "--checkpoint",
+                   str(tiny_run["checkpoint"]), "--output", str(output), "--n-best", "2"])
+    assert status == 1
+    if suffix == ".csv":
+        rows = list(csv.DictReader(output.open()))
+        assert [r["rank"] for r in rows if r["image"].endswith("one dog.jpg")] == ["1", "2"]
+        assert any(r["error"] for r in rows if r["image"].endswith("notes.jpg"))
+    else:
+        rows = json.loads(output.read_text())
+        assert len(rows) == 2 and len(rows[0]["captions"]) == 2
+
+
+@pytest.mark.shared_data
+def test_all_good_exits_zero_and_prints(tiny_run, mixed_folder, capsys):
+    assert main(["caption", str(mixed_folder / "one dog.jpg"), "--checkpoint", str(tiny_run["checkpoint"]),
+                 "--strategy", "greedy"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(mixed_folder / "one dog.jpg")) and len(line.split("\t")[1]) > 0
+
+
+def test_result_writer_rejects_unknown_format(tmp_path):
+    with pytest.raises(ValueError, match=".jsonl, .csv or .json"):
+        ResultWriter(tmp_path / "out.txt", resume=False)

@@ -1,0 +1,60 @@
+"""`captioner evaluate` end to end on a checkpoint trained inside the tests."""
+
+import json
+
+import pytest
+
+from captioner.cli import main
+from captioner.evaluation import format_table
+from captioner.metrics import METRIC_NAMES
+
+pytestmark = pytest.mark.shared_data
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_evaluate_writes_report_predictions_and_html(tiny_run, tmp_path, capsys, use_cache):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
+            "--images", str(tiny_run["images"]), "--split", "test", "--out", str(out), "--beam-size", "2"]
+    if use_cache:
+        args += ["--features", str(tiny_run["features"])]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "CIDEr-D" in printed and "BLEU-4" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 12 and report["split"] == "test"
+    assert set(report["scores"]) == set(METRIC_NAMES)
+    assert report["decoding"]["beam_size"] == 2 and report["checkpoint_sha256"]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 12
+    assert all(isinstance(p["image_id"], int) and p["caption"] for p in predictions)
+    html = (out / "report.html").read_text()
+    assert "data:image/jpeg;base64" in html and predictions[0]["caption"].split()[0] in html
+
+
+def test_cached_and_computed_features_give_the_same_scores(tiny_run, tmp_path):
+    reports = []
+    for name, extra in (("cached", ["--features", str(tiny_run["features"])]), ("computed", [])):
+        out = tmp_path / name
+        assert main(["evaluate", "--checkpoint", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
+                     "--images", str(tiny_run["images"]), "--split", "val", "--out", str(out),
+                     "--strategy", "greedy", "--no-html", *extra]) == 0
+        reports.append(json.loads((out / "predictions.json").read_text()))
+    assert reports[0] == reports[1]
+
+
+def test_format_table_scales_by_100():
+    table = format_table({"beam 3": {m: 0.5 for m in METRIC_NAMES}})
+    assert table.splitlines()[1].split()[-1] == "50.0"
+
+
+def test_info_prints_checkpoint_settings(tiny_run, capsys):
+    assert main(["info", str(tiny_run["checkpoint"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["info"]["epoch"] >= 1 and info["encoder"]["encoder"] == "efficientnet_lite0"
+
+
+def test_evaluate_missing_checkpoint_is_a_usage_error(tiny_run, capsys):
+    assert main(["evaluate", "--checkpoint", "/nonexistent.safetensors", "--data", str(tiny_run["data"]),
+                 "--images", str(tiny_run["images"])]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
