@@ -102,7 +102,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: Any, split: str, c
     hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
     scores = compute_scores(references, hypotheses)
     corpus = {m: scores[m] for m in METRIC_NAMES}
-    label = f"{config.strategy}" + (f" beam {config.beam_size}" if config.strategy == "beam" else "")
+    label = f"beam {config.beam_size}" if config.strategy == "beam" else config.strategy
     report = {
         "split": split, "images": len(records), "skipped_images": problems, "scores": corpus,
         "decoding": asdict(config), "checkpoint": str(checkpoint.path),
@@ -124,9 +124,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: Any, split: str, c
         if html:
             from captioner.report import write_html_report
 
-            per_image_cider = scores["per_image"]["CIDEr-D"]
+            per_image = scores["per_image"]  # {image_id: {metric: value}}
             items = [{"image_id": r.image_id, "image_path": r.image_path, "caption": hypotheses[r.image_id],
-                      "references": r.captions, "cider": per_image_cider[r.image_id]} for r in records]
+                      "references": r.captions, "cider": per_image[r.image_id]["CIDEr-D"]} for r in records]
             write_html_report(out / "report.html", items, title=f"{Path(checkpoint.path).name} on {split}",
                               scores=corpus)
         if not quiet:
