@@ -83,27 +83,29 @@ class ResultWriter:
         self.done = {row["image"] for row in self.rows}
 
     def _read_existing(self) -> list[dict[str, Any]]:
-        text = self.path.read_text(encoding="utf-8")
+        # newline="": CSV rows end in \r\n, kept as written; surrogateescape: CSV keeps raw file names.
+        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+            text = handle.read()
         if self.format == "json":
             return json.loads(text) if text.strip() else []
-        lines = text.splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):  # a line cut by a crash: drop it, it will be redone
-            lines = lines[:-1]
-            self.path.write_text("".join(lines), encoding="utf-8")
-        if self.format == "jsonl":
-            return [json.loads(line) for line in lines if line.strip()]
-        rows = list(csv.DictReader(io.StringIO("".join(lines))))
+        if text and not text.endswith("\n"):  # a line cut by a crash: drop it, it will be redone
+            text = text[: text.rfind("\n") + 1]
+            with open(self.path, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+                handle.write(text)
+        if self.format == "jsonl":  # split at \n only: JSON text may hold U+2028 and other line breaks
+            return [json.loads(line) for line in text.split("\n") if line.strip()]
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         return [{"image": row["image"]} for row in rows]
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if self.format == "json":
             self.rows.extend(rows)
-            write_text_atomic(self.path, json.dumps(self.rows, indent=1, ensure_ascii=False))
+            write_text_atomic(self.path, _to_json(self.rows, indent=1))
             return
         new_file = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", encoding="utf-8", newline="") as handle:
+        with open(self.path, "a", encoding="utf-8", errors="surrogateescape", newline="") as handle:
             if self.format == "jsonl":
-                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                handle.writelines(_to_json(row) + "\n" for row in rows)
             else:
                 writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
                 if new_file:
@@ -112,6 +114,22 @@ class ResultWriter:
                     writer.writerows(_csv_rows(row))
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _to_json(value: Any, **options: Any) -> str:
+    """JSON that encodes as UTF-8. A file name that is not valid UTF-8 reaches us with lone surrogates
+    (os.fsdecode); those rows are written with \\u escapes, which read back to the same name."""
+    text = json.dumps(value, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **options)
+    return text
+
+
+def _display(path: str) -> str:
+    """A path printable on any UTF-8 terminal: bytes that are not UTF-8 are shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def _csv_rows(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -154,8 +172,8 @@ def caption_paths(inputs: list[str], checkpoint: str | Path, config: DecodeConfi
                 failures += 1
                 print(f"error: {row['image']}: {row['error']}", file=sys.stderr)
             elif writer is None:
-                print(f"{row['image']}\t{row['caption']}" if config.n_best == 1 else
-                      f"{row['image']}\n" + "".join(f"  {c['score']:8.3f}  {c['text']}\n" for c in row["captions"]),
+                print(f"{_display(row['image'])}\t{row['caption']}" if config.n_best == 1 else
+                      f"{_display(row['image'])}\n" + "".join(f"  {c['score']:8.3f}  {c['text']}\n" for c in row["captions"]),
                       flush=True)
         if writer is not None:
             writer.write(rows)

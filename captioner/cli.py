@@ -61,34 +61,51 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
 
 
 def load_data(args: argparse.Namespace):
+    from captioner import distributed
     from captioner.data import load_dataset
 
     dataset = load_dataset(args.data, layout=args.layout, images_dir=args.images,
                            skip_invalid=args.skip_invalid, karpathy_split=args.karpathy_split)
-    if dataset.report:
+    if dataset.report and distributed.is_main():  # once per torchrun group
         print(dataset.report.summary(), file=sys.stderr)
     return dataset
 
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_features(args: argparse.Namespace) -> int:
+    from captioner import distributed
     from captioner.encoder import get_encoder
     from captioner.features import extract_features
     from captioner.utils import resolve_device
 
-    dataset = load_data(args)
-    splits = args.splits.split(",")
-    records = [r for r in dataset.records if r.split in splits]
-    encoder = get_encoder(args.encoder, weights=args.encoder_weights, allow_random=args.allow_random_weights)
-    cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
-                             num_workers=args.workers, device=resolve_device(args.device))
-    print(f"{len(cache)} image features in {args.out}")
+    device = resolve_device(args.device)
+    with distributed.session(device, backend="gloo"):  # under torchrun: one shard of the images per rank
+        dataset = load_data(args)
+        splits = args.splits.split(",")
+        records = [r for r in dataset.records if r.split in splits]
+        encoder = get_encoder(args.encoder, weights=args.encoder_weights, allow_random=args.allow_random_weights)
+        cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
+                                 num_workers=args.workers, device=device)
+        distributed.print0(f"{len(cache)} image features in {args.out}")
     return 1 if cache.meta.get("failed") else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from captioner.training import train_on_cache
+    from captioner import distributed
+    from captioner.utils import resolve_device
 
+    device = resolve_device(args.device)
+    with distributed.session(device):  # under torchrun: data-parallel (NCCL on CUDA, gloo on the CPU)
+        if args.scst and distributed.is_distributed():
+            raise ValueError("--scst runs in one process; start it without torchrun")
+        return _train(args, device)
+
+
+def _train(args: argparse.Namespace, device) -> int:
+    from captioner import distributed
+    from captioner.training import autocast_dtype, train_on_cache
+
+    autocast_dtype(args.amp, device)  # refuse a bad --amp before reading any data
     dataset = load_data(args)
     if args.scst:
         return _train_scst(args, dataset)
@@ -102,8 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                          val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
                     "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
-    best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume)
-    print(f"best checkpoint: {best}")
+    best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume,
+                          device=device, amp=args.amp)
+    distributed.print0(f"best checkpoint: {best}")
     return 0
 
 
@@ -128,18 +146,30 @@ def _train_scst(args: argparse.Namespace, dataset) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
     from captioner.evaluation import evaluate_checkpoint
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("evaluate runs in one process; start it without torchrun")
     dataset = load_data(args)
-    evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
-                        features_dir=args.features, batch_size=args.batch_size, device=args.device,
-                        coco_eval=args.coco_eval, html=not args.no_html)
-    return 0
+    report = evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
+                                 features_dir=args.features, batch_size=args.batch_size, device=args.device,
+                                 coco_eval=args.coco_eval, html=not args.no_html)
+    return 1 if report["skipped_images"] else 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    from captioner import distributed
     from captioner.batch import caption_paths
+    from captioner.utils import resolve_device
 
+    with distributed.session(resolve_device(args.device), backend="gloo"):
+        if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
+            return distributed.caption_paths_sharded(
+                args.paths, checkpoint=args.checkpoint or default_checkpoint(), config=decode_config(args),
+                output=args.output, recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
+                num_workers=args.workers, device=args.device)
     return caption_paths(args.paths, checkpoint=args.checkpoint or default_checkpoint(),
                          config=decode_config(args), output=args.output, recursive=args.recursive,
                          resume=args.resume, batch_size=args.batch_size, num_workers=args.workers,
@@ -219,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"default: {defaults.epochs} (cross-entropy), 10 (--scst)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="captions per update over all processes (under torchrun each takes its share)")
     p.add_argument("--lr", type=float, default=None, help=f"default: {defaults.lr} (cross-entropy), 5e-5 (--scst)")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
@@ -233,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=model_defaults.num_layers)
     p.add_argument("--dropout", type=float, default=model_defaults.dropout)
     p.add_argument("--image-input", choices=["every", "first"], default=model_defaults.image_input)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                   help="mixed precision: bf16 or fp16 (with loss scaling) on CUDA; bf16 also runs on the CPU")
     scst = p.add_argument_group("self-critical fine-tuning (SCST, reward = CIDEr-D)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init-from with SCST instead of XE training")
     scst.add_argument("--init-from", default=None, help="the cross-entropy checkpoint to fine-tune")

@@ -10,6 +10,11 @@ meta.json is written last, so a folder without it is not a finished cache. While
 are appended to `partial/` (raw float16 rows + one JSON line per batch, each fsync'd), so an interrupted
 run picks up after the last batch that reached the disk. A cache (finished or partial) made with another
 encoder, other weights or other preprocessing is refused rather than mixed.
+
+Under torchrun the images are cut into batches of `batch_size` and batch b goes to rank b % W; rank 0
+appends to `partial/`, rank k to `partial.rank<k>/` (each resumable on its own), and rank 0 then merges
+them into one cache identical to a single-process run's: the same index order (the input order), the
+same float16 bytes, because every batch holds the images a single process would have put in it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from .encoder import Encoder, Preprocessor
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
@@ -40,6 +46,7 @@ FEATURES_FILE = "features.f16.npy"
 INDEX_FILE = "index.json"
 META_FILE = "meta.json"
 PARTIAL_DIR = "partial"
+_RANK_PARTIAL_GLOB = "partial.rank*"  # rank k > 0 of a sharded run: partial.rank<k>
 _PARTIAL_ROWS = "features.f16.bin"
 _PARTIAL_LOG = "batches.jsonl"
 _PARTIAL_FINGERPRINT = "fingerprint.json"
@@ -348,6 +355,17 @@ class _PartialCache:
         partial._open_files()
         return partial
 
+    @classmethod
+    def load(cls, directory: Path, fingerprint: dict) -> _PartialCache:
+        """What a finished (closed) partial folder holds, recovered after a crash; nothing if it was never
+        completely created."""
+        partial = cls(directory, fingerprint["feature_dim"])
+        fingerprint_path = directory / _PARTIAL_FINGERPRINT
+        if fingerprint_path.is_file():
+            _check_fingerprint(_read_json(fingerprint_path), fingerprint, fingerprint_path)
+            partial._recover()
+        return partial
+
     def _recover(self) -> None:
         row_bytes = self.feature_dim * 2
         rows_on_disk = self.rows_path.stat().st_size // row_bytes
@@ -425,6 +443,8 @@ def extract_features(
     num_workers, load_threads, channels_last, draft, max_pixels: see `image_loader`. num_workers=None
     (the default) picks by device: in-process threaded loading on CPU, worker processes on GPU.
     draft changes pixels slightly, so it is recorded in the preprocessing and off by default.
+    Under torchrun every rank calls this with the same records: each extracts its batches, rank 0 merges,
+    and every rank returns the finished cache (see the module notes).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -435,6 +455,10 @@ def extract_features(
     wanted: dict[str, Path] = {}
     for record in records:
         wanted.setdefault(record.image_id, Path(record.image_path))
+    options = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+                   load_threads=load_threads, channels_last=channels_last, draft=draft, max_pixels=max_pixels)
+    if distributed.is_distributed() or any(out_dir.glob(_RANK_PARTIAL_GLOB)):
+        return _extract_sharded(wanted, encoder, out_dir, fingerprint, **options)
 
     partial_dir = out_dir / PARTIAL_DIR
     existing: FeatureCache | None = None
@@ -449,33 +473,125 @@ def extract_features(
     try:
         done = partial.done
         todo = [(image_id, path) for image_id, path in wanted.items() if image_id not in done]
-        if todo:
-            device = torch.device(device)
-            encoder.to(device)
-            loader = image_loader([path for _, path in todo], encoder, batch_size=batch_size,
-                                  num_workers=num_workers, load_threads=load_threads, device=device,
-                                  channels_last=channels_last, draft=draft, max_pixels=max_pixels)
-            bar = tqdm(total=len(done) + len(todo), initial=len(done), unit="img", desc="features",
-                       disable=None if progress else True, file=sys.stderr)
-            with bar, torch.inference_mode():
-                for batch in loader:
-                    rows = np.zeros((0, encoder.feature_dim), dtype=np.float16)
-                    ids = [todo[position][0] for position in batch.indices]
-                    if batch.images is not None:
-                        rows = _to_float16(encoder.model(batch.images), ids)  # (B, feature_dim)
-                    failed = [{"image_id": todo[position][0], "path": str(todo[position][1]), "reason": reason}
-                              for position, reason in batch.failures]
-                    partial.append(ids, rows, failed)
-                    bar.update(len(batch))
+        _extract_into(partial, todo, encoder, len(done) + len(todo), len(done), **options)
     finally:
         partial.close()
     cache = _finish(out_dir, partial, fingerprint, encoder)
-    if partial.failed:
-        shown = "\n  ".join(f"{entry['path']}: {entry['reason']}" for entry in partial.failed[:10])
-        more = f"\n  ... and {len(partial.failed) - 10} more" if len(partial.failed) > 10 else ""
-        warnings.warn(f"{len(partial.failed)} image(s) could not be loaded and have no features "
-                      f"(listed in {out_dir / META_FILE}):\n  {shown}{more}", stacklevel=2)
+    _warn_failed(partial.failed, out_dir)
     return cache
+
+
+def _extract_into(partial: _PartialCache, todo: list[tuple[str, Path]], encoder: Encoder, total: int,
+                  initial: int, batch_size: int, num_workers: int | None, device: str | torch.device,
+                  progress: bool, load_threads: int | None, channels_last: bool | None, draft: bool,
+                  max_pixels: int) -> None:
+    """Run the encoder over `todo` [(image_id, path)] in batches of `batch_size`, appending each batch."""
+    if not todo:
+        return
+    device = torch.device(device)
+    encoder.to(device)
+    loader = image_loader([path for _, path in todo], encoder, batch_size=batch_size,
+                          num_workers=num_workers, load_threads=load_threads, device=device,
+                          channels_last=channels_last, draft=draft, max_pixels=max_pixels)
+    bar = tqdm(total=total, initial=initial, unit="img", desc="features",
+               disable=None if progress else True, file=sys.stderr)
+    with bar, torch.inference_mode():
+        for batch in loader:
+            rows = np.zeros((0, encoder.feature_dim), dtype=np.float16)
+            ids = [todo[position][0] for position in batch.indices]
+            if batch.images is not None:
+                rows = _to_float16(encoder.model(batch.images), ids)  # (B, feature_dim)
+            failed = [{"image_id": todo[position][0], "path": str(todo[position][1]), "reason": reason}
+                      for position, reason in batch.failures]
+            partial.append(ids, rows, failed)
+            bar.update(len(batch))
+
+
+def _warn_failed(failed: list[dict], out_dir: Path) -> None:
+    if failed:
+        shown = "\n  ".join(f"{entry['path']}: {entry['reason']}" for entry in failed[:10])
+        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+        warnings.warn(f"{len(failed)} image(s) could not be loaded and have no features "
+                      f"(listed in {out_dir / META_FILE}):\n  {shown}{more}", stacklevel=3)
+
+
+def _extract_sharded(wanted: dict[str, Path], encoder: Encoder, out_dir: Path, fingerprint: dict,
+                     batch_size: int, progress: bool, **options: Any) -> FeatureCache:
+    """extract_features over the ranks of a torchrun group (also used, with one rank, to finish the
+    partial folders an interrupted sharded run left). Every rank returns the merged cache."""
+    world, rank = distributed.world_size(), distributed.rank()
+    existing: FeatureCache | None = None
+    if (out_dir / META_FILE).is_file():
+        existing = FeatureCache.open(out_dir)
+        _check_fingerprint(existing.meta, fingerprint, out_dir / META_FILE)
+    known = (set(existing.index) | {entry["image_id"] for entry in existing.failed}) if existing else set()
+    untouched = not (out_dir / PARTIAL_DIR).exists() and not any(out_dir.glob(_RANK_PARTIAL_GLOB))
+    distributed.barrier()  # every rank has looked before any rank writes
+    if existing is not None and untouched and all(image_id in known for image_id in wanted):
+        return existing
+
+    own_dir = out_dir / (PARTIAL_DIR if rank == 0 else f"partial.rank{rank}")
+    partial = _PartialCache.resume_or_create(own_dir, fingerprint, seed=existing if rank == 0 else None)
+    try:
+        done = set(partial.done)
+        if rank == 0:  # folders of ranks this run does not have (an earlier run with more processes)
+            for directory in _rank_partial_dirs(out_dir):
+                if _rank_number(directory) >= world:
+                    done |= _PartialCache.load(directory, fingerprint).done
+        done = set().union(known, *distributed.all_gather_object(done))
+        todo = [(image_id, path) for image_id, path in wanted.items() if image_id not in done]
+        mine = [todo[position] for position in distributed.shard_batches(len(todo), batch_size)]
+        _extract_into(partial, mine, encoder, len(mine), 0, batch_size=batch_size,
+                      progress=progress and rank == 0, **options)
+    finally:
+        partial.close()
+    distributed.barrier()  # every shard is on disk
+    if rank == 0:
+        failed = _merge_partials(out_dir, wanted, existing, fingerprint, encoder)
+        _warn_failed(failed, out_dir)
+    distributed.barrier()
+    return FeatureCache.open(out_dir)
+
+
+def _rank_partial_dirs(out_dir: Path) -> list[Path]:
+    return sorted((d for d in out_dir.glob(_RANK_PARTIAL_GLOB) if d.name[len("partial.rank"):].isdigit()),
+                  key=_rank_number)
+
+
+def _rank_number(directory: Path) -> int:
+    return int(directory.name[len("partial.rank"):])
+
+
+def _merge_partials(out_dir: Path, wanted: dict[str, Path], existing: FeatureCache | None, fingerprint: dict,
+                    encoder: Encoder) -> list[dict]:
+    """Rank 0: write one cache from `partial/` and every `partial.rank<k>/`, in the order a single process
+    would have written it (the cache being extended first, then the input order); returns the failures."""
+    directories = [out_dir / PARTIAL_DIR, *_rank_partial_dirs(out_dir)]
+    partials = [_PartialCache.load(directory, fingerprint) for directory in directories]
+    where: dict[str, tuple[int, int]] = {}  # image_id -> (partial, row)
+    failed_by_id: dict[str, dict] = {}
+    for number, partial in enumerate(partials):
+        for row, image_id in enumerate(partial.ids):
+            where.setdefault(image_id, (number, row))
+        for entry in partial.failed:
+            failed_by_id.setdefault(entry["image_id"], entry)
+    first = existing.ids if existing else []
+    ids = list(dict.fromkeys([*first, *(i for i in wanted if i in where), *where]))
+    failed_order = [e["image_id"] for e in existing.failed] if existing else []
+    failed_ids = dict.fromkeys([*failed_order, *(i for i in wanted if i in failed_by_id), *failed_by_id])
+    failed = [failed_by_id[i] for i in failed_ids if i not in where]
+    rows = np.empty((len(ids), encoder.feature_dim), dtype=np.float16)
+    for number, partial in enumerate(partials):
+        targets = [(position, where[image_id][1]) for position, image_id in enumerate(ids)
+                   if where[image_id][0] == number]
+        if targets:
+            source = partial.read_rows()
+            rows[[t for t, _ in targets]] = source[[s for _, s in targets]]
+    _write_cache(out_dir, rows, ids, failed, fingerprint, encoder)
+    for directory in directories:
+        if directory.exists():
+            shutil.rmtree(directory)
+    return failed
 
 
 def _to_float16(features: torch.Tensor, ids: list[str]) -> np.ndarray:
@@ -488,8 +604,15 @@ def _to_float16(features: torch.Tensor, ids: list[str]) -> np.ndarray:
 
 
 def _finish(out_dir: Path, partial: _PartialCache, fingerprint: dict, encoder: Encoder) -> FeatureCache:
-    """Write features.f16.npy, index.json and meta.json (last) atomically; then drop partial/."""
-    rows = partial.read_rows()
+    """Write the cache from partial/, then drop partial/."""
+    _write_cache(out_dir, partial.read_rows(), partial.ids, partial.failed, fingerprint, encoder)
+    shutil.rmtree(partial.directory)
+    return FeatureCache.open(out_dir)
+
+
+def _write_cache(out_dir: Path, rows: np.ndarray, ids: list[str], failed: list[dict], fingerprint: dict,
+                 encoder: Encoder) -> None:
+    """Write features.f16.npy, index.json and meta.json (last) atomically."""
     (out_dir / META_FILE).unlink(missing_ok=True)  # the cache is unfinished until the new meta.json lands
     temporary = out_dir / (FEATURES_FILE + ".tmp")
     with open(temporary, "wb") as file:
@@ -498,19 +621,17 @@ def _finish(out_dir: Path, partial: _PartialCache, fingerprint: dict, encoder: E
         os.fsync(file.fileno())
     del rows
     os.replace(temporary, out_dir / FEATURES_FILE)
-    _write_json_atomic(out_dir / INDEX_FILE, {image_id: row for row, image_id in enumerate(partial.ids)})
+    _write_json_atomic(out_dir / INDEX_FILE, {image_id: row for row, image_id in enumerate(ids)})
     meta = {
         **fingerprint,
-        "count": len(partial.ids),
-        "failed": partial.failed,
+        "count": len(ids),
+        "failed": failed,
         "weights_source": encoder.weights_source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
     }
     _write_json_atomic(out_dir / META_FILE, meta)
     _fsync_directory(out_dir)
-    shutil.rmtree(partial.directory)
-    return FeatureCache.open(out_dir)
 
 
 # ------------------------------------------------------------------------------------------- in memory

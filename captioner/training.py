@@ -9,6 +9,13 @@ A run folder holds:
 The data order of epoch e depends only on (seed, e) and the RNG state is saved with every
 checkpoint, so a run interrupted after epoch k and resumed ends with the same weights as an
 uninterrupted run.
+
+Under torchrun the model is wrapped in DistributedDataParallel and `batch_size` is the GLOBAL batch:
+every rank draws the same epoch order, and rank r of W trains on captions r, r+W, r+2W, ... of each
+global batch. Each rank's loss is its sum over tokens divided by the global batch's token count (times
+W, because DDP averages gradients over ranks), so the update, the learning rate and the logged loss mean
+what they mean in one process with the same batch size. Only rank 0 writes files; val decoding is split
+over the ranks and scored on rank 0, and every rank gets the scores, so all agree on best and stopping.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from captioner import distributed
 from captioner.checkpoint import CheckpointError, read_raw, save_checkpoint
-from captioner.config import ModelConfig, TrainConfig, to_dict
+from captioner.config import DecodeConfig, ModelConfig, TrainConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.inference import decode_features
 from captioner.metrics import compute_scores
@@ -84,12 +92,80 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
 
 def validate(model: CaptionDecoder, vocab: Vocabulary, records: list[CaptionRecord], features: Tensor,
              config: Any) -> dict[str, float]:
-    """Decode the val images for real (never teacher-forced) with `config.val_decode` and score them."""
-    captions = decode_features(model, vocab, features, config.val_decode)
-    references = {r.image_id: r.captions for r in records}
-    hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
-    scores = compute_scores(references, hypotheses)
-    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"]}
+    """Decode the val images for real (never teacher-forced) with `config.val_decode` and score them.
+
+    Under torchrun the ranks decode a share each, rank 0 scores all of them and every rank returns the
+    scores."""
+    texts = decode_across_ranks(model, vocab, features, config.val_decode)
+    scores = None
+    if distributed.is_main():
+        references = {r.image_id: r.captions for r in records}
+        hypotheses = {r.image_id: text for r, text in zip(records, texts, strict=True)}
+        all_scores = compute_scores(references, hypotheses)
+        scores = {"BLEU-4": all_scores["BLEU-4"], "CIDEr-D": all_scores["CIDEr-D"]}
+    return distributed.broadcast_object(scores)
+
+
+def decode_across_ranks(model: CaptionDecoder, vocab: Vocabulary, features: Tensor, config: DecodeConfig) -> list[str]:
+    """The best caption of every row of `features`, in row order, on every rank; under torchrun rank r
+    decodes rows r, r+W, r+2W, ... and the shares are gathered."""
+    world, rank = distributed.world_size(), distributed.rank()
+    captions = decode_features(model, vocab, features[rank::world], config)
+    shares = distributed.all_gather_object([c[0].text for c in captions])  # shares[k][i]: row k + i*W
+    return [shares[row % world][row // world] for row in range(features.size(0))]
+
+
+def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype for `--amp` on `device`; None for full float32."""
+    if amp in (None, "", "none", "off"):
+        return None
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"--amp {amp}: use bf16 or fp16")
+    if device.type == "cuda":
+        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                             "use --amp fp16")
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp == "fp16":
+        raise ValueError(f"--amp fp16 needs a CUDA device (this run is on {device}); on the CPU train in "
+                         "float32 (no --amp) or with --amp bf16")
+    return torch.bfloat16  # CPU autocast works, but is only faster on CPUs with bfloat16 units
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Dropout seed of rank > 0 (rank 0 keeps the single-process random stream)."""
+    return (seed * 1_000_003 + rank * 7_919) % (2**63)
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _rng_tensors(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Every rank's random state: rank 0's CPU state as `rng.torch` (as single-process runs save it)."""
+    tensors = {}
+    for rank, state in enumerate(states):
+        tensors["rng.torch" if rank == 0 else f"rng.torch.rank{rank}"] = state["cpu"]
+        if "cuda" in state:
+            tensors[f"rng.cuda.rank{rank}"] = state["cuda"]
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, Tensor], device: torch.device, seed: int, epoch: int) -> bool:
+    """Restore this rank's saved random state; False when the run was saved by fewer processes, in which
+    case this rank is reseeded from (seed, epoch, rank)."""
+    rank = distributed.rank()
+    cpu = tensors.get("rng.torch" if rank == 0 else f"rng.torch.rank{rank}")
+    if cpu is None:
+        torch.manual_seed(_rank_seed(seed + epoch, rank))
+        return False
+    torch.set_rng_state(cpu)
+    if device.type == "cuda" and f"rng.cuda.rank{rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], device)
+    return True
 
 
 # --------------------------------------------------------------------------------- training state
@@ -139,32 +215,51 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
           val_features: Tensor, out_dir: str | Path, model_config: dict[str, Any] | None = None,
           config: TrainConfig | None = None, encoder: dict[str, Any] | None = None, resume: bool = False,
           data_fingerprint: str | None = None, progress: bool = True,
-          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+          device: str | torch.device = "cpu", amp: str | None = None) -> Path:
     """Train a decoder; returns the path of the best checkpoint.
 
     `train_features` / `val_features` hold one row per record, in order. `model_config` overrides
     ModelConfig fields (vocab_size and feature_dim are filled in here). `on_epoch_end` is called with
     each epoch's log entry after the checkpoint is written (used to stop runs in tests).
+    `device`: where the model trains (the features stay on the CPU; batches are moved). `amp`: None,
+    "bf16" or "fp16" mixed precision (`autocast_dtype`). Under torchrun (a process group is initialised,
+    see captioner.distributed) the run is data-parallel and `config.batch_size` is the global batch.
     """
     config = config or TrainConfig()
+    device = torch.device(device)
+    amp_dtype = autocast_dtype(amp, device)
+    world, rank = distributed.world_size(), distributed.rank()
+    if config.batch_size < world:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch, shared by {world} processes: "
+                         f"give at least {world}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.min_word_count)
     model_cfg = ModelConfig(vocab_size=len(vocab), feature_dim=train_features.size(1), **(model_config or {}))
-    model = CaptionDecoder(model_cfg)
+    model = CaptionDecoder(model_cfg).to(device)
+    if rank > 0:  # same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(_rank_seed(config.seed, rank))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     data = encode_split(train_records, train_features.float(), vocab, config.max_caption_length)
     steps_per_epoch = math.ceil(len(data.lengths) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     run_info = {"train_config": to_dict(config), "seed": config.seed, "data_fingerprint": data_fingerprint,
                 "train_images": len(train_records), "train_captions": len(data.lengths),
-                "parameters": count_parameters(model)}
+                "parameters": count_parameters(model), "world_size": world, "device": device.type, "amp": amp}
     history: list[dict[str, Any]] = []
     start_epoch, best_cider, bad_epochs = 1, -1.0, 0
 
     last_path = out_dir / LAST
-    if resume and last_path.exists():
+    found = distributed.all_gather_object(resume and last_path.exists())
+    if len(set(found)) > 1:
+        missing = [k for k, seen in enumerate(found) if not seen]
+        raise CheckpointError(f"{last_path}: rank(s) {missing} cannot see it; with several machines, --out "
+                              "must be a folder that every machine shares")
+    if found[0]:
         tensors, metadata = read_raw(last_path)
         state = json.loads(metadata.get("training_state", "null") or "null")
         if state is None:
@@ -175,47 +270,79 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
                                   "same settings, or use a new --out folder")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _restore_optimizer(optimizer, tensors)
-        torch.set_rng_state(tensors["rng.torch"])
         history, best_cider, bad_epochs = state["history"], state["best_cider"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
-        print(f"resuming {out_dir} after epoch {state['epoch']} (best val CIDEr-D {best_cider:.4f})")
+        if state.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["grad_scaler"])
+        restored = distributed.all_gather_object(_restore_rng(tensors, device, config.seed, state["epoch"]))
+        distributed.print0(f"resuming {out_dir} after epoch {state['epoch']} (best val CIDEr-D {best_cider:.4f})")
+        if not all(restored):
+            distributed.print0(f"note: the run was saved by {saved.get('world_size', 1)} process(es); the dropout "
+                               "random state of the new ranks is reseeded, so the result differs slightly from "
+                               "an uninterrupted run")
     elif resume:
-        print(f"nothing to resume in {out_dir}: starting a new run")
+        distributed.print0(f"nothing to resume in {out_dir}: starting a new run")
 
-    print(f"training {count_parameters(model) / 1e6:.2f}M parameters on {len(data.lengths)} captions of "
-          f"{len(train_records)} images; vocabulary {len(vocab)} words; {steps_per_epoch} steps per epoch")
+    # The forward must go through the wrapper: that is what arms DDP's gradient all-reduce for the step.
+    # The hand-written LSTM loop reads the nn.LSTM weights as attributes, so every parameter still gets
+    # a gradient each step and DDP needs no find_unused_parameters.
+    train_module: torch.nn.Module = model
+    if world > 1:
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+
+    distributed.print0(
+        f"training {count_parameters(model) / 1e6:.2f}M parameters on {len(data.lengths)} captions of "
+        f"{len(train_records)} images; vocabulary {len(vocab)} words; {steps_per_epoch} steps per epoch"
+        + (f" of {config.batch_size} captions, {world} processes" if world > 1 else "")
+        + (f"; {device}" if device.type != "cpu" else "") + (f", autocast {amp}" if amp_dtype else ""))
     for epoch in range(start_epoch, config.epochs + 1):
         if bad_epochs >= config.patience:
             break
-        model.train()
+        train_module.train()
         epoch_start = time.perf_counter()
-        data_seconds, loss_sum, token_count = 0.0, 0.0, 0
+        data_seconds = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's summed token losses
+        token_count = 0
         order = torch.randperm(len(data.lengths), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch}", enabled=progress)
+        bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch}", enabled=progress and rank == 0)
         for step_in_epoch in bar:
             step = (epoch - 1) * steps_per_epoch + step_in_epoch
             lr = learning_rate(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             fetch_start = time.perf_counter()
-            indices = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
-            features, tokens, lengths = data.batch(indices)
+            global_batch = order[step_in_epoch * config.batch_size:(step_in_epoch + 1) * config.batch_size]
+            global_tokens = int((data.lengths[global_batch] - 1).sum())
+            local_batch = global_batch[rank::world]
+            # loss = (this rank's token-loss sum) * W / global tokens; DDP's mean over ranks makes it sum/tokens
+            weight = world / global_tokens
+            if len(local_batch) == 0:  # a last batch smaller than W: still take part in the all-reduce
+                local_batch, weight = global_batch[:1], 0.0
+            features, tokens, lengths = data.batch(local_batch)
+            features, tokens = features.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             data_seconds += time.perf_counter() - fetch_start
-            logits, targets = model(features, tokens, lengths)
-            loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, targets = train_module(features, tokens, lengths)
+            token_losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum",
+                                                             label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(token_losses * weight).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            loss_sum += loss.item() * targets.numel()
-            token_count += targets.numel()
-            if progress and step_in_epoch % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / token_count:.3f}")
+            scaler.step(optimizer)
+            scaler.update()
+            if weight:
+                loss_sum += token_losses.detach()
+                token_count += targets.numel()
+            if progress and rank == 0 and step_in_epoch % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / max(1, token_count):.3f}")
+        total_loss, total_tokens = distributed.all_reduce_sum([loss_sum.item(), token_count], device)
         train_seconds = time.perf_counter() - epoch_start
         val_start = time.perf_counter()
         limit = config.val_max_images or len(val_records)
         val_scores = validate(model, vocab, val_records[:limit], val_features[:limit], config)
-        entry = {"epoch": epoch, "train_loss": loss_sum / token_count, "lr": lr, "val": val_scores,
+        entry = {"epoch": epoch, "train_loss": total_loss / total_tokens, "lr": lr, "val": val_scores,
                  "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - val_start, 2),
                  "captions_per_second": round(len(data.lengths) / train_seconds, 1),
                  "data_wait_share": round(data_seconds / train_seconds, 4)}
@@ -223,18 +350,23 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
         improved = val_scores["CIDEr-D"] > best_cider
         best_cider, bad_epochs = (val_scores["CIDEr-D"], 0) if improved else (best_cider, bad_epochs + 1)
         entry["best"] = improved
-        print(f"epoch {epoch}: loss {entry['train_loss']:.3f}  val BLEU-4 {val_scores['BLEU-4'] * 100:.1f}  "
-              f"CIDEr-D {val_scores['CIDEr-D'] * 100:.1f}{'  (best)' if improved else ''}  "
-              f"{train_seconds:.0f}s train, {entry['val_seconds']:.0f}s val")
-        info = {**run_info, "epoch": epoch, "val_metrics": val_scores, "val_decode": to_dict(config.val_decode)}
-        if improved:
-            save_checkpoint(out_dir / BEST, model, vocab, encoder or {}, info)
-        training_state = {"epoch": epoch, "history": history, "best_cider": best_cider, "bad_epochs": bad_epochs}
-        save_checkpoint(out_dir / LAST, model, vocab, encoder or {}, info,
-                        extra_tensors={**_optimizer_tensors(optimizer), "rng.torch": torch.get_rng_state()},
-                        extra_metadata={"training_state": training_state})
-        write_text_atomic(out_dir / LOG, "".join(json.dumps(h) + "\n" for h in history))
-        _plot_curves(history, out_dir / CURVES)
+        distributed.print0(
+            f"epoch {epoch}: loss {entry['train_loss']:.3f}  val BLEU-4 {val_scores['BLEU-4'] * 100:.1f}  "
+            f"CIDEr-D {val_scores['CIDEr-D'] * 100:.1f}{'  (best)' if improved else ''}  "
+            f"{train_seconds:.0f}s train, {entry['val_seconds']:.0f}s val")
+        rng_states = distributed.all_gather_object(_rng_state(device))
+        if distributed.is_main():
+            info = {**run_info, "epoch": epoch, "val_metrics": val_scores, "val_decode": to_dict(config.val_decode)}
+            if improved:
+                save_checkpoint(out_dir / BEST, model, vocab, encoder or {}, info)
+            training_state = {"epoch": epoch, "history": history, "best_cider": best_cider, "bad_epochs": bad_epochs,
+                              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            save_checkpoint(out_dir / LAST, model, vocab, encoder or {}, info,
+                            extra_tensors={**_optimizer_tensors(optimizer), **_rng_tensors(rng_states)},
+                            extra_metadata={"training_state": training_state})
+            write_text_atomic(out_dir / LOG, "".join(json.dumps(h) + "\n" for h in history))
+            _plot_curves(history, out_dir / CURVES)
+        distributed.barrier()  # the checkpoint is on disk before any rank goes on (or is stopped)
         if on_epoch_end is not None:
             on_epoch_end(entry)
     return out_dir / BEST
@@ -253,7 +385,7 @@ def split_with_features(dataset: Any, cache: Any, split: str) -> tuple[list[Capt
     kept = [r for r in records if r.image_id in cache]
     if len(kept) < len(records):
         missing = [r.image_id for r in records if r.image_id not in cache]
-        print(f"warning: {len(missing)} {split} images have no cached feature and are left out "
+        distributed.print0(f"warning: {len(missing)} {split} images have no cached feature and are left out "
               f"(first: {missing[:3]}); run `captioner features` over them first")
     if not kept:
         raise ValueError(f"no {split} images of the dataset are in the feature cache; build it with "
@@ -277,8 +409,9 @@ def cached_splits(dataset: Any, features_dir: str | Path) -> dict[str, Any]:
 def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
                    model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
                    resume: bool = False, progress: bool = True,
-                   on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
+                   on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+                   device: str | torch.device = "cpu", amp: str | None = None) -> Path:
     """Train on a dataset's train split with features from a cache; select on its val split."""
     return train(**cached_splits(dataset, features_dir), out_dir=out_dir, model_config=model_config,
                  config=config, resume=resume, data_fingerprint=dataset.fingerprint(), progress=progress,
-                 on_epoch_end=on_epoch_end)
+                 on_epoch_end=on_epoch_end, device=device, amp=amp)

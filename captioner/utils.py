@@ -37,10 +37,18 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """The one device rule: 'auto' takes CUDA when present, else the CPU."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The one device rule: 'auto' takes CUDA when present, else the CPU. Under torchrun (LOCAL_RANK set),
+    'auto' and 'cuda' mean this process's own GPU, cuda:LOCAL_RANK."""
+    device = str(device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(f"torchrun started process {local_rank} on this machine, which has {count} GPU(s): "
+                             f"use --nproc-per-node {count} or fewer")
+        device = f"cuda:{local_rank}"
     return torch.device(device)

@@ -53,3 +53,68 @@ def tiny_run(tiny_flickr8k, flickr8k_dir, tmp_path_factory) -> dict[str, Path]:
                  "--hidden-dim", "64", "--image-dim", "64", "--val-beam-size", "2"]) == 0
     return {"data": tiny_flickr8k, "images": flickr8k_dir / "images", "features": work / "features",
             "checkpoint": work / "run" / "best.safetensors", "run": work / "run"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a busy 2-core machine, torch's spinning intra-op threads make
+    tiny models ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TOY_SENTENCES = [
+    "a dog runs through the grass",
+    "a man in a red shirt rides a bike",
+    "two children play in the water",
+    "a black cat sits on a wooden chair",
+]
+
+
+@pytest.fixture(scope="session")
+def toy_checkpoint(tmp_path_factory) -> Path:
+    """A tiny decoder trained for a moment on random features, saved for the real EfficientNet-Lite0 encoder:
+    real photos get real words out of it, and it needs neither the shipped model nor Flickr8k."""
+    import torch
+    import torch.nn.functional as F
+
+    from captioner.checkpoint import save_checkpoint
+    from captioner.config import ModelConfig
+    from captioner.model import CaptionDecoder
+    from captioner.text import Vocabulary, tokenize
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy machine, torch's spinning threads make this tiny model crawl
+    try:
+        tokens = [tokenize(sentence) for sentence in TOY_SENTENCES]
+        vocab = Vocabulary.build(tokens, min_count=1)
+        config = ModelConfig(vocab_size=len(vocab), feature_dim=1280, embed_dim=32, hidden_dim=64, image_dim=32,
+                             dropout=0.0)
+        torch.manual_seed(0)
+        model = CaptionDecoder(config)
+        # Longest caption first, as the model's packing expects. The features are sparse and non-negative,
+        # like EfficientNet-Lite0's pooled output.
+        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+        encoded = [vocab.encode(tokens[i]) for i in order]
+        lengths = torch.tensor([len(ids) for ids in encoded])
+        captions = torch.full((len(encoded), int(lengths.max())), vocab.pad_id, dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            captions[row, :len(ids)] = torch.tensor(ids)
+        features = torch.relu(0.4 * torch.randn(len(encoded), config.feature_dim))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(100):
+            logits, targets = model(features, captions, lengths)
+            loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.5, f"the tiny decoder did not learn its captions (loss {loss.item():.2f})"
+    return save_checkpoint(tmp_path_factory.mktemp("toy-checkpoint") / "model.safetensors", model, vocab,
+                           encoder={"encoder": "efficientnet_lite0"})

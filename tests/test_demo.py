@@ -1,7 +1,7 @@
 """The web demo: `predict` called directly, then the real page driven in Debian's Chromium.
 
-The checkpoint is built here (a tiny decoder trained for a moment on random features), so these tests
-need neither the shipped model nor Flickr8k; the encoder is the real offline EfficientNet-Lite0.
+The checkpoint is conftest's `toy_checkpoint` (a tiny decoder trained for a moment on random features), so
+these tests need neither the shipped model nor Flickr8k; the encoder is the real offline EfficientNet-Lite0.
 """
 
 from __future__ import annotations
@@ -14,73 +14,27 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from captioner.demo import EXAMPLES_DIR, build_app, example_paths, predict, serve
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 # gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 README_SCREENSHOT = REPO_ROOT / "docs" / "demo.png"
-SENTENCES = [
-    "a dog runs through the grass",
-    "a man in a red shirt rides a bike",
-    "two children play in the water",
-    "a black cat sits on a wooden chair",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On a busy 2-core machine, torch's spinning intra-op threads make these tiny models ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def captioner(tmp_path_factory, one_torch_thread):
+def captioner(toy_checkpoint, one_torch_thread):
     from captioner.api import Captioner
-    from captioner.checkpoint import save_checkpoint
-    from captioner.config import ModelConfig
-    from captioner.model import CaptionDecoder
-    from captioner.text import Vocabulary, tokenize
 
-    tokens = [tokenize(sentence) for sentence in SENTENCES]
-    vocab = Vocabulary.build(tokens, min_count=1)
-    config = ModelConfig(vocab_size=len(vocab), feature_dim=1280, embed_dim=32, hidden_dim=64, image_dim=32,
-                         dropout=0.0)
-    torch.manual_seed(0)
-    model = CaptionDecoder(config)
-    # Longest caption first, as the model's packing expects. The features are sparse and non-negative,
-    # like EfficientNet-Lite0's pooled output, so real photos get real words out of the tiny decoder.
-    order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
-    encoded = [vocab.encode(tokens[i]) for i in order]
-    lengths = torch.tensor([len(ids) for ids in encoded])
-    captions = torch.full((len(encoded), int(lengths.max())), vocab.pad_id, dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        captions[row, :len(ids)] = torch.tensor(ids)
-    features = torch.relu(0.4 * torch.randn(len(encoded), config.feature_dim))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(100):
-        logits, targets = model(features, captions, lengths)
-        loss = F.cross_entropy(logits, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.5, f"the tiny decoder did not learn its captions (loss {loss.item():.2f})"
-    path = save_checkpoint(tmp_path_factory.mktemp("checkpoint") / "model.safetensors", model, vocab,
-                           encoder={"encoder": "efficientnet_lite0"})
-    return Captioner.from_pretrained(path, device="cpu")
+    return Captioner.from_pretrained(toy_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,93 @@
+"""What users feel: batch-command throughput, demo latency and memory, in one run.
+
+    python scripts/bench_caption.py --checkpoint checkpoints/flickr8k-lite0 --images ../shared/data/flickr8k/images
+
+1. End-to-end images/s of `captioner caption` (a subprocess, beam 3, JSONL output) on 200 Flickr8k
+   images, against the bare CNN forward on the same images already decoded and preprocessed in
+   memory (same batch size). Target: >= 0.8 of the bare forward.
+2. The demo's single-image latency through its `predict` function (beam 3), p50 and p95 over the
+   same images. Target: p50 <= 150 ms.
+3. Peak RSS of the batch-command subprocess. Target: <= 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bare_forward_images_per_second(encoder, paths: list[str], batch_size: int) -> float:
+    from captioner.features import image_loader
+
+    batches = [batch.images for batch in image_loader(paths, encoder, batch_size=batch_size)]
+    with torch.inference_mode():
+        encoder.model(batches[0])  # warm-up
+        start = time.perf_counter()
+        for images in batches:
+            encoder.model(images)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-lite0")
+    parser.add_argument("--images", default="../shared/data/flickr8k/images")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+
+    from captioner.api import Captioner
+    from captioner.demo import predict
+
+    paths = sorted(str(p) for p in Path(args.images).iterdir())[: args.count]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {len(paths)} images, batch {args.batch_size}, beam 3")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "images"
+        listing.mkdir()
+        for path in paths:
+            (listing / Path(path).name).symlink_to(Path(path).resolve())
+        command = [sys.executable, "-m", "captioner", "caption", str(listing), "--checkpoint", args.checkpoint,
+                   "--strategy", "beam", "--beam-size", "3", "--batch-size", str(args.batch_size),
+                   "--output", str(Path(tmp) / "out.jsonl")]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+        end_to_end_seconds = time.perf_counter() - start
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        captioned = sum(1 for _ in open(Path(tmp) / "out.jsonl"))
+
+    captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    bare = bare_forward_images_per_second(captioner.encoder, paths, args.batch_size)
+    end_to_end = captioned / end_to_end_seconds
+    print("\n1. batch command vs bare CNN forward")
+    print(f"   end to end (process start, model load, loading, CNN, beam 3, writing): {end_to_end:6.1f} images/s")
+    print(f"   bare CNN forward on preprocessed in-memory images:                   {bare:6.1f} images/s")
+    print(f"   ratio: {end_to_end / bare:.2f} (target >= 0.8)")
+
+    latencies = []
+    for path in paths[:60]:
+        start = time.perf_counter()
+        predict(captioner, path, "beam", 3, 1.0, 0, 1)
+        latencies.append((time.perf_counter() - start) * 1000)
+    latencies = latencies[5:]  # first calls warm up the allocator
+    p95 = statistics.quantiles(latencies, n=20)[18]
+    print("\n2. demo predict(), one image, beam 3")
+    print(f"   p50 {statistics.median(latencies):.0f} ms, p95 {p95:.0f} ms over {len(latencies)} images "
+          "(target p50 <= 150 ms)")
+    print("\n3. batch command memory")
+    print(f"   peak RSS {peak_rss_mb:.0f} MB (target <= 1536 MB)")
+
+
+if __name__ == "__main__":
+    main()
