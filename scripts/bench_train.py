@@ -1,5 +1,6 @@
 """Training throughput: captions/s, seconds per Flickr8k epoch and the data-wait share, for the
-hand-written LSTM loop and for nn.LSTM, measured side by side in one run on the same batches.
+hand-written LSTM loop and for nn.LSTM, measured side by side in one run on the same batches, plus the
+hand loop under bfloat16 autocast (`captioner train --amp bf16`; faster only on CPUs with bf16 units).
 
     python scripts/bench_train.py --data ../shared/data/flickr8k --features runs/features-lite0
 
@@ -23,7 +24,8 @@ from captioner.text import Vocabulary, tokenize
 from captioner.training import encode_split
 
 
-def measure(model: CaptionDecoder, data, order: torch.Tensor, batch_size: int, steps: int) -> dict[str, float]:
+def measure(model: CaptionDecoder, data, order: torch.Tensor, batch_size: int, steps: int,
+            bf16: bool = False) -> dict[str, float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     data_seconds, captions = 0.0, 0
@@ -32,8 +34,9 @@ def measure(model: CaptionDecoder, data, order: torch.Tensor, batch_size: int, s
         fetch = time.perf_counter()
         features, tokens, lengths = data.batch(order[step * batch_size:(step + 1) * batch_size])
         data_seconds += time.perf_counter() - fetch
-        logits, targets = model(features, tokens, lengths)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, targets = model(features, tokens, lengths)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -75,19 +78,21 @@ def main() -> None:
 
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):
-        for impl in ("loop", "nn"):
+        for impl in ("loop", "nn", "loop-bf16"):
             torch.manual_seed(0)
-            model = CaptionDecoder(model_config, lstm_impl=impl)
-            measure(model, data, order, args.batch_size, 3)  # warm-up
-            result = measure(model, data, order[3 * args.batch_size:], args.batch_size, args.steps)
+            model = CaptionDecoder(model_config, lstm_impl=impl.removesuffix("-bf16"))
+            bf16 = impl.endswith("bf16")
+            measure(model, data, order, args.batch_size, 3, bf16)  # warm-up
+            result = measure(model, data, order[3 * args.batch_size:], args.batch_size, args.steps, bf16)
             if impl not in best or result["captions_per_s"] > best[impl]["captions_per_s"]:
                 best[impl] = result
     print(f"{'implementation':<16}{'captions/s':>12}{'s/epoch':>10}{'data wait':>11}")
     for impl, result in best.items():
         epoch_seconds = len(data.lengths) / result["captions_per_s"]
-        name = "hand loop" if impl == "loop" else "nn.LSTM"
+        name = {"loop": "hand loop", "nn": "nn.LSTM", "loop-bf16": "hand loop bf16"}[impl]
         print(f"{name:<16}{result['captions_per_s']:12.0f}{epoch_seconds:10.0f}{result['data_share'] * 100:10.1f}%")
-    print(f"hand loop / nn.LSTM: {best['loop']['captions_per_s'] / best['nn']['captions_per_s']:.2f}x")
+    print(f"hand loop / nn.LSTM: {best['loop']['captions_per_s'] / best['nn']['captions_per_s']:.2f}x; "
+          f"bf16 / fp32 hand loop: {best['loop-bf16']['captions_per_s'] / best['loop']['captions_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

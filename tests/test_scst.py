@@ -28,6 +28,7 @@ from captioner.scst import (
     mean_reward,
     reference_tokens,
     sample_captions,
+    set_dropout,
     train_scst,
 )
 from captioner.text import Vocabulary, tokenize
@@ -315,3 +316,28 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="other settings"):
         _train(tmp_path / "interrupted", init, epochs=5, resume=True)
+
+
+def test_sampling_dropout_can_be_set_apart_from_the_xe_rate(tmp_path):
+    init = _pretrained(tmp_path / "init.safetensors", dropout=0.5)
+    seen = []
+
+    def watch(entry):
+        seen.append(entry)
+
+    records, features = _records("train")
+    val_records, val_features = _records("val")
+    config = ScstConfig(epochs=1, batch_images=4, samples_per_image=3, lr=1e-3, seed=3, dropout=0.0,
+                        val_decode=DecodeConfig(strategy="greedy"))
+    best = train_scst(records, features, val_records, val_features, tmp_path / "run", init, config,
+                      progress=False, on_epoch_end=watch)
+    assert seen and load_checkpoint(best).model.config.dropout == 0.5  # the saved config keeps the XE rate
+    # With the rate at 0, a train-mode step (as sampling runs) gives exactly the eval-mode distribution.
+    model = load_checkpoint(init).model
+    tokens, state = torch.tensor([1, 1]), model.init_state(features[:2])
+    set_dropout(model, 0.0)
+    model.train()
+    assert torch.equal(model.step(tokens, model.init_state(features[:2]))[0], model.eval().step(tokens, state)[0])
+    assert json.loads((tmp_path / "run" / LOG).read_text().splitlines()[0])["epoch"] == 0
+    with pytest.raises(ValueError, match="dropout"):
+        ScstConfig(dropout=1.0)

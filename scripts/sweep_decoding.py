@@ -1,0 +1,70 @@
+"""Decoding settings on the val split: beam size × length penalty (× no-repeat n-gram blocking).
+
+    python scripts/sweep_decoding.py runs/base/best.safetensors --features runs/features-flickr8k-lite0
+
+Several checkpoints are decoded jointly as an ensemble. Prints BLEU-4, CIDEr-D and ROUGE-L (×100) and the
+mean caption length for every combination, so the decoding defaults are chosen on val, never on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import time
+
+from captioner.config import DecodeConfig
+from captioner.data import load_dataset
+from captioner.evaluation import features_for_checkpoint, join_member_features
+from captioner.inference import decode_features
+from captioner.metrics import compute_scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--data", default=os.environ.get("CAPTIONER_FLICKR8K", "../shared/data/flickr8k"))
+    parser.add_argument("--features", nargs="+", required=True)
+    parser.add_argument("--split", default="val", choices=["val", "test"])
+    parser.add_argument("--beam-sizes", default="1,2,3,5,7")
+    parser.add_argument("--length-penalties", default="0,0.5,1")
+    parser.add_argument("--no-repeat-ngrams", default="0", help="e.g. 0,3")
+    args = parser.parse_args()
+
+    import torch
+
+    from captioner.checkpoint import load_checkpoint
+    from captioner.ensemble import load_ensemble
+
+    if len(args.checkpoints) == 1:
+        checkpoint = load_checkpoint(args.checkpoints[0])
+        model, checkpoints = checkpoint.model, [checkpoint]
+    else:
+        model, checkpoints = load_ensemble(args.checkpoints)
+    vocab = checkpoints[0].vocab
+    records = load_dataset(args.data).split(args.split)
+    device = torch.device("cpu")
+    records, features, _ = join_member_features(records, [
+        features_for_checkpoint(records, c.encoder, args.features, 64, device) for c in checkpoints])
+    references = {r.image_id: r.captions for r in records}
+    print(f"{len(checkpoints)} checkpoint(s) on {args.split} ({len(records)} images)")
+    print(f"{'beam':>5}{'len.pen':>9}{'no-rep':>8}{'BLEU-4':>9}{'CIDEr-D':>9}{'ROUGE-L':>9}{'words':>7}{'s':>6}")
+    for beam, penalty, ngram in itertools.product([int(b) for b in args.beam_sizes.split(",")],
+                                                  [float(p) for p in args.length_penalties.split(",")],
+                                                  [int(n) for n in args.no_repeat_ngrams.split(",")]):
+        if beam == 1 and penalty != 0:
+            continue  # greedy ignores the length penalty
+        config = DecodeConfig(strategy="greedy" if beam == 1 else "beam", beam_size=beam, length_penalty=penalty,
+                              no_repeat_ngram_size=ngram)
+        start = time.perf_counter()
+        captions = decode_features(model, vocab, features, config)
+        seconds = time.perf_counter() - start
+        hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
+        scores = compute_scores(references, hypotheses)
+        words = sum(len(text.split()) for text in hypotheses.values()) / len(hypotheses)
+        print(f"{beam:>5}{penalty:>9.1f}{ngram:>8}{scores['BLEU-4'] * 100:9.1f}{scores['CIDEr-D'] * 100:9.1f}"
+              f"{scores['ROUGE-L'] * 100:9.1f}{words:7.1f}{seconds:6.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
