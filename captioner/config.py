@@ -63,7 +63,7 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 1e-2
     grad_clip: float = 5.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1  # chosen on val: +1.1 CIDEr-D over 0.0 (docs/experiments.md)
     min_word_count: int = 5
     max_caption_length: int = 30  # longer training captions are truncated (<end> kept)
     patience: int = 4  # epochs without val CIDEr-D improvement before stopping

@@ -65,7 +65,10 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
             raise ValueError(f"{features_dir}: features from {encoder_name} weights {cache.meta.get('weights_hash')}, "
                              f"but the checkpoint was trained on weights {weights_hash}")
         kept = [r for r in records if r.image_id in cache]
-        problems = [f"{r.image_path}: no cached feature" for r in records if r.image_id not in cache]
+        reasons = {entry.get("image_id"): entry.get("reason") for entry in cache.failed}
+        problems = [f"{r.image_path}: " + (f"no cached feature ({reasons[r.image_id]})" if reasons.get(r.image_id)
+                                           else f"not in the feature cache {features_dir}")
+                    for r in records if r.image_id not in cache]
         return kept, cache.get_batch([r.image_id for r in kept]), problems
     from captioner.encoder import get_encoder
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from captioner.images import ImageLoadError, load_image
 
 THUMBNAIL_SIZE = 256
 _REQUIRED_KEYS = ("image_id", "image_path", "caption", "references", "cider")
@@ -36,14 +36,13 @@ def thumbnail_data_uri(image_path: str | Path | None, max_size: int = THUMBNAIL_
     """A `data:image/jpeg;base64,...` URI of the image shrunk to fit max_size, or None if it can't be read."""
     if image_path is None:
         return None
-    try:
-        with Image.open(image_path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((max_size, max_size))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-    except (OSError, ValueError, Image.DecompressionBombError):  # missing, unreadable or not an image
+    try:  # the same safe loader as every door: pixel limit, EXIF orientation, RGB
+        image = load_image(image_path, draft_size=max_size)
+    except ImageLoadError:  # missing, unreadable, too large or not an image
         return None
+    image.thumbnail((max_size, max_size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

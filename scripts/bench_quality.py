@@ -67,19 +67,20 @@ def format_rows(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints to score (files or folders)")
     parser.add_argument("--data", default=os.environ.get("CAPTIONER_FLICKR8K", "../shared/data/flickr8k"))
+    parser.add_argument("--images", default=None, help="image folder, when not beside the annotations")
     parser.add_argument("--features", nargs="+", required=True, help="feature caches (one per encoder used)")
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--beam-sizes", default="1,3,5", help="1 means greedy")
     parser.add_argument("--ensemble", action="store_true", help="also decode all checkpoints jointly (beam 3)")
     parser.add_argument("--json", default=None, help="also write the table here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, images_dir=args.images)
     split, train = dataset.split(args.split), dataset.split("train")
     device = torch.device("cpu")
     references = {r.image_id: r.captions for r in split}
@@ -104,11 +105,13 @@ def main() -> None:
     blind = decode_features(first.model, first.vocab, torch.zeros(len(split), first.model.config.feature_dim), beam3)
     score("image-blind LM (beam 3)", split, [c[0].text for c in blind])
 
-    for checkpoint in checkpoints:
+    for number, checkpoint in enumerate(checkpoints, 1):
         records, features, problems = features_for_checkpoint(split, checkpoint.encoder, args.features, 64, device)
         if problems:
             print(f"warning: {len(problems)} {args.split} images have no feature, e.g. {problems[0]}", file=sys.stderr)
         label = Path(checkpoint.path).parent.name + "/" + Path(checkpoint.path).stem
+        if args.checkpoints.count(args.checkpoints[number - 1]) > 1:
+            label += f" #{number}"  # the same file twice (a sanity check): keep both rows
         for beam_size in (int(b) for b in args.beam_sizes.split(",")):
             config = DecodeConfig(strategy="greedy") if beam_size == 1 else DecodeConfig(strategy="beam",
                                                                                         beam_size=beam_size)
@@ -131,6 +134,7 @@ def main() -> None:
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "rows": rows}, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

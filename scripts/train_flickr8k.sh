@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
 # Train the shipped Flickr8k model from scratch on this machine's CPU:
-#   1. cache EfficientNet-Lite0 features for every image (once; resumable),
-#   2. train the decoder on the train split, selecting the best epoch by val CIDEr-D,
-#   3. copy the best checkpoint (fp16 weights) into checkpoints/flickr8k-lite0/.
-# Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR]
+#   1. cache the CNN's features for every image (once; resumable),
+#   2. train the decoder with cross-entropy on the train split, keeping the best epoch by val CIDEr-D,
+#   3. with SCST_EPOCHS > 0, fine-tune that model with self-critical training (reward CIDEr-D), again
+#      keeping the best epoch by val CIDEr-D (epoch 0, the starting model, competes too),
+#   4. copy the best checkpoint (fp16 weights) into checkpoints/flickr8k-<encoder>/.
+# Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR] [extra `captioner train` arguments...]
+# Environment: ENCODER (efficientnet_lite0), FEATURES (cache folder), SCST_EPOCHS (0), SCST_ARGS, OUT_CHECKPOINT.
+# Every stage resumes where it stopped when the script is run again.
 set -euo pipefail
 data=${1:-../shared/data/flickr8k}
 run=${2:-runs/flickr8k-lite0}
-features=${FEATURES:-runs/features-flickr8k-lite0}
+encoder=${ENCODER:-efficientnet_lite0}
+short=${encoder#efficientnet_}
+features=${FEATURES:-runs/features-flickr8k-$short}
+out_checkpoint=${OUT_CHECKPOINT:-checkpoints/flickr8k-$short/model.safetensors}
 
-captioner features --data "$data" --encoder efficientnet_lite0 --out "$features"
+captioner features --data "$data" --encoder "$encoder" --out "$features"
 captioner train --data "$data" --features "$features" --out "$run" --resume "${@:3}"
-python scripts/export_checkpoint.py "$run/best.safetensors" checkpoints/flickr8k-lite0/model.safetensors
+best="$run/best.safetensors"
+if [ "${SCST_EPOCHS:-0}" -gt 0 ]; then
+  # shellcheck disable=SC2086  # SCST_ARGS is a list of flags
+  captioner train --scst --init-from "$best" --data "$data" --features "$features" --out "$run-scst" --resume \
+      --epochs "$SCST_EPOCHS" ${SCST_ARGS:-}
+  best="$run-scst/best.safetensors"
+fi
+python scripts/export_checkpoint.py "$best" "$out_checkpoint"

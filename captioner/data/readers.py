@@ -44,7 +44,8 @@ FLICKR8K_SPLIT_FILES = {
 _IMAGE_FOLDER_NAMES = ("images", "Flicker8k_Dataset", "Flickr8k_Dataset")
 # Real COCO keeps images in train2014/ and val2014/ under the images root.
 _COCO_SUBFOLDERS = ("train2014", "val2014")
-_SKIP_HINT = " (or load with skip_invalid=True to skip such entries; they are listed in Dataset.report)"
+_SKIP_HINT = (" (or skip such entries: --skip-invalid on the command line, skip_invalid=True in Python; they are "
+              "listed in Dataset.report)")
 
 
 @dataclass
@@ -97,8 +98,8 @@ class _ImageFinder:
 
     def __init__(self, root: Path):
         if not root.is_dir():
-            raise FileNotFoundError(f"images folder {root} does not exist; pass images_dir= pointing at the "
-                                    "folder that holds the images")
+            raise FileNotFoundError(f"images folder {root} does not exist; point --images (images_dir= in "
+                                    "Python) at the folder that holds the images")
         self.root = root.absolute()  # records stay valid if the working directory changes
         self._listings: dict[str, frozenset[str]] = {}
 
@@ -141,7 +142,7 @@ def _finish(pending: list[_Pending], finder: _ImageFinder, problems: _Problems) 
         if image_id is None:
             looked_for = " or ".join(dict.fromkeys(item.candidates))
             problems(f"{item.where}: image file not found (looked for {looked_for} in {finder.root}); "
-                     "pass images_dir= pointing at the folder that holds the images")
+                     "point --images (images_dir= in Python) at the folder that holds the images")
             continue
         if image_id in first_seen:
             problems(f"{item.where}: image {image_id} is listed twice (also {first_seen[image_id]}); "
@@ -356,7 +357,7 @@ def _split_from_file_name(path: Path) -> str:
         raise DataFormatError(
             f"{path.name}: cannot tell the split from the file name (looked for one of train, val, dev, test "
             f"as a word in it{', found ' + ' and '.join(sorted(found)) if found else ''}); rename the file "
-            "or pass karpathy_split=")
+            "or give --karpathy-split (karpathy_split= in Python)")
     return found.pop()
 
 
