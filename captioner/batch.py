@@ -19,10 +19,13 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from captioner.config import DecodeConfig
 from captioner.utils import progress_bar, write_text_atomic
+
+if TYPE_CHECKING:
+    from captioner.api import Captioner
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CSV_FIELDS = ["image", "rank", "caption", "log_prob", "score", "error"]
@@ -148,16 +151,19 @@ def _row(image: str, captions: list | None = None, error: str | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------ run
-def caption_paths(inputs: list[str], checkpoint: str | Path, config: DecodeConfig, output: str | None = None,
+def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config: DecodeConfig, output: str | None = None,
                   recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
                   device: str = "auto", progress: bool = True) -> int:
-    """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed)."""
+    """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
+
+    `checkpoint`: a checkpoint path, or a `Captioner` already loaded (then `device` is ignored)."""
     from captioner.api import Captioner
     from captioner.features import encode_images, image_loader
 
     paths, problems = expand_inputs(inputs, recursive)
     writer = ResultWriter(output, resume) if output else None
-    captioner = Captioner.from_pretrained(checkpoint, device=device)
+    captioner = (checkpoint if isinstance(checkpoint, Captioner)
+                 else Captioner.from_pretrained(checkpoint, device=device))
     if writer is not None and writer.done:
         before = len(paths)
         paths = [p for p in paths if p not in writer.done]

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from captioner.config import ModelConfig, from_dict, to_dict
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
+from captioner.utils import default_file_mode
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -61,6 +62,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0o600; a checkpoint is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -21,6 +21,14 @@ def progress_bar(iterable: Iterable[T], desc: str = "", enabled: bool = True, **
                 dynamic_ncols=True, **kwargs)
 
 
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file (0o666 less the umask); temp files from
+    `tempfile.mkstemp` are 0o600, so atomic writes chmod them to this before the rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file via a temp file + rename, so readers see the old or the new file, never half."""
     path = Path(path)
@@ -31,6 +39,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -47,6 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from captioner.api import Captioner
+    from captioner.batch import caption_paths
+    from captioner.config import DecodeConfig
     from captioner.demo import predict
 
     paths = sorted(str(p) for p in Path(args.images).iterdir())[: args.count]
@@ -67,13 +69,22 @@ def main() -> None:
         peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         captioned = sum(1 for _ in open(Path(tmp) / "out.jsonl"))
 
-    captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
+        # The same library call as the command, with the model already loaded: the steady state of a
+        # long run, where start-up (imports, model load) is paid once.
+        captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
+        caption_paths([paths[0]], captioner, DecodeConfig(strategy="beam", beam_size=3), progress=False)  # warm-up
+        start = time.perf_counter()
+        caption_paths([str(listing)], captioner, DecodeConfig(strategy="beam", beam_size=3),
+                      output=str(Path(tmp) / "steady.jsonl"), batch_size=args.batch_size, progress=False)
+        steady = len(paths) / (time.perf_counter() - start)
+
     bare = bare_forward_images_per_second(captioner.encoder, paths, args.batch_size)
     end_to_end = captioned / end_to_end_seconds
     print("\n1. batch command vs bare CNN forward")
     print(f"   end to end (process start, model load, loading, CNN, beam 3, writing): {end_to_end:6.1f} images/s")
+    print(f"   steady state (model loaded; loading, CNN, beam 3, writing):           {steady:6.1f} images/s")
     print(f"   bare CNN forward on preprocessed in-memory images:                   {bare:6.1f} images/s")
-    print(f"   ratio: {end_to_end / bare:.2f} (target >= 0.8)")
+    print(f"   ratio: end to end {end_to_end / bare:.2f}, steady state {steady / bare:.2f} (target >= 0.8)")
 
     latencies = []
     for path in paths[:60]:

@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("--features", default=None, help="a feature cache (its first 128 rows are used)")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     checkpoint = load_checkpoint(args.checkpoint)
     model, vocab = checkpoint.model, checkpoint.vocab

@@ -149,3 +149,21 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
         save_checkpoint(path, model, vocab, ENCODER)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic saves go through a 0o600 temp file; the result must be as readable as a plainly written file."""
+    import stat
+
+    from captioner.utils import write_text_atomic
+
+    vocab = Vocabulary.build([["a", "dog"]], min_count=1)
+    model = CaptionDecoder(ModelConfig(vocab_size=len(vocab), feature_dim=4, embed_dim=4, hidden_dim=4, image_dim=4))
+    old = os.umask(0o022)
+    try:
+        checkpoint = save_checkpoint(tmp_path / "model.safetensors", model, vocab, ENCODER)
+        write_text_atomic(tmp_path / "log.jsonl", "{}\n")
+    finally:
+        os.umask(old)
+    for path in (checkpoint, tmp_path / "log.jsonl"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path

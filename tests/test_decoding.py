@@ -184,8 +184,9 @@ def test_beam_matches_reference_and_brute_force_log_probs(length_penalty, ngram)
 def test_beam_size_one_is_greedy(ngram):
     for seed in range(5):
         tables = make_tables(5, seed=seed, bias={END: -1.0})
-        beam_config = DecodeConfig(beam_size=1, max_length=6, no_repeat_ngram_size=ngram)
-        greedy_config = DecodeConfig(strategy="greedy", max_length=6, no_repeat_ngram_size=ngram)
+        beam_config = DecodeConfig(beam_size=1, max_length=6, no_repeat_ngram_size=ngram, length_penalty=0.0)
+        greedy_config = DecodeConfig(strategy="greedy", max_length=6, no_repeat_ngram_size=ngram,
+                                      length_penalty=0.0)
         from_beam = beam_search(TableModel(tables), features(5), beam_config, START, END, SPECIALS)
         from_greedy = greedy(TableModel(tables), features(5), greedy_config, START, END, SPECIALS)
         assert from_beam == from_greedy  # tokens, log_prob, score and finished, exactly
@@ -260,7 +261,7 @@ def test_state_rows_follow_their_image():
     tables[:, :, END] = -3.0
     image_features = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
     model = TableModel(tables)
-    results = beam_search(model, image_features, DecodeConfig(beam_size=3, n_best=3, max_length=3),
+    results = beam_search(model, image_features, DecodeConfig(beam_size=3, n_best=3, max_length=3, length_penalty=0.0),
                           START, END, SPECIALS)
     for image, hypotheses in enumerate(results):
         word = 4 if image % 2 == 0 else 5

@@ -26,7 +26,7 @@ def test_loop_matches_nn_lstm_and_step(image_input, num_layers):
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=40, feature_dim=16, embed_dim=8, hidden_dim=12, image_dim=8,
                          num_layers=num_layers, image_input=image_input)
-    model = CaptionDecoder(config).eval()
+    model = CaptionDecoder(config, lstm_impl="loop").eval()
     features, captions, lengths = _batch()
     loop_logits, loop_targets = model(features, captions, lengths)
     model.lstm_impl = "nn"
