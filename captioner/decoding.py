@@ -153,43 +153,46 @@ def beam_search(
     suppress = _suppress_tensor(suppress_ids, end_id, device)
 
     # Cumulative log-prob of each live beam; only beam 0 is alive at first (the others are copies).
-    live_scores = torch.full((batch, beam_size), _NEG_INF, device=device)  # (batch, beam)
+    live_scores = torch.full((batch, beam_size), _NEG_INF, device=device)  # (active, beam)
     live_scores[:, 0] = 0.0
     tokens = torch.full((batch * beam_size,), start_id, dtype=torch.long, device=device)
-    history = torch.empty((batch * beam_size, 0), dtype=torch.long, device=device)  # (batch*beam, t)
-    beam_offset = torch.arange(batch, device=device).unsqueeze(1) * beam_size  # (batch, 1)
+    history = torch.empty((batch * beam_size, 0), dtype=torch.long, device=device)  # (active*beam, t)
     pool = _Pool(batch, n_best, max_length, end_id, device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Images still searching. Once an image stops early its rows leave every tensor, so later steps
+    # cost only what is still running (with a length penalty most images run long, a few stop early).
+    active = torch.arange(batch, device=device)
 
     for length in range(1, max_length + 1):
+        n_active = active.numel()
         log_probs, state = model.step(tokens, state)
-        log_probs = _blocked(log_probs, history, suppress, config.no_repeat_ngram_size)  # (batch*beam, V)
+        log_probs = _blocked(log_probs, history, suppress, config.no_repeat_ngram_size)  # (active*beam, V)
         vocab = log_probs.size(1)
-        candidates = (live_scores.view(-1, 1) + log_probs).view(batch, beam_size * vocab)
+        candidates = (live_scores.view(-1, 1) + log_probs).view(n_active, beam_size * vocab)
         n_candidates = min(2 * beam_size, beam_size * vocab)
-        cand_scores, cand_index = candidates.topk(n_candidates, dim=1)  # (batch, n_cand), best first
+        cand_scores, cand_index = candidates.topk(n_candidates, dim=1)  # (active, n_cand), best first
         cand_parent = torch.div(cand_index, vocab, rounding_mode="floor")  # beam it extends
         cand_token = cand_index % vocab
         cand_is_end = cand_token == end_id
 
         # <end> within the top beam_size candidates: a finished hypothesis.
-        top_scores = cand_scores[:, :beam_size]  # (batch, beam)
+        top_scores = cand_scores[:, :beam_size]  # (active, beam)
         finishing = cand_is_end[:, :beam_size] & torch.isfinite(top_scores)
         if finishing.any():
             parents = cand_parent[:, :beam_size]
-            finished_tokens = history.view(batch, beam_size, length - 1).gather(
-                1, parents.unsqueeze(2).expand(-1, -1, history.size(1)))  # (batch, beam, length-1)
+            finished_tokens = history.view(n_active, beam_size, length - 1).gather(
+                1, parents.unsqueeze(2).expand(-1, -1, history.size(1)))  # (active, beam, length-1)
             lengths = torch.full_like(parents, length)
             pool.add(_length_normalise(top_scores, lengths, length_penalty).masked_fill(~finishing, _NEG_INF),
-                     top_scores, finished_tokens, finished=True)
+                     top_scores, finished_tokens, finished=True, images=active)
 
         # Refill the slots with the best candidates that are not <end> (there are always beam_size of
         # them among 2*beam_size, since each beam contributes a single <end>).
         rank = torch.arange(n_candidates, device=device)
-        keep = (rank + cand_is_end.long() * n_candidates).argsort(dim=1)[:, :beam_size]  # (batch, beam)
+        keep = (rank + cand_is_end.long() * n_candidates).argsort(dim=1)[:, :beam_size]  # (active, beam)
         live_scores = cand_scores.gather(1, keep).masked_fill(cand_is_end.gather(1, keep), _NEG_INF)
-        tokens = cand_token.gather(1, keep).view(-1)  # (batch*beam,)
-        parent_rows = (beam_offset + cand_parent.gather(1, keep)).view(-1)  # (batch*beam,)
+        tokens = cand_token.gather(1, keep).view(-1)  # (active*beam,)
+        beam_offset = torch.arange(n_active, device=device).unsqueeze(1) * beam_size  # (active, 1)
+        parent_rows = (beam_offset + cand_parent.gather(1, keep)).view(-1)  # (active*beam,)
         state = tuple(s.index_select(0, parent_rows) for s in state)
         history = torch.cat([history.index_select(0, parent_rows), tokens.unsqueeze(1)], dim=1)
         if length == max_length:
@@ -197,19 +200,25 @@ def beam_search(
 
         # Early stop: a live beam's log-prob can only fall, so its best possible score is at the
         # shortest or the longest remaining length (which one depends on the sign of length_penalty).
-        best_live = live_scores.amax(dim=1)  # (batch,)
+        best_live = live_scores.amax(dim=1)  # (active,)
         bound = torch.maximum(
             _length_normalise(best_live, torch.full_like(best_live, length + 1), length_penalty),
             _length_normalise(best_live, torch.full_like(best_live, max_length), length_penalty))
-        done |= pool.worst_score() >= bound
-        live_scores = live_scores.masked_fill(done.unsqueeze(1), _NEG_INF)
-        if bool(done.all()):
-            break
+        going_on = ~(pool.worst_score()[active] >= bound)  # (active,)
+        if not bool(going_on.all()):
+            if not bool(going_on.any()):
+                active = active[:0]
+                break
+            rows = going_on.repeat_interleave(beam_size)
+            active, live_scores = active[going_on], live_scores[going_on]
+            tokens, history = tokens[rows], history[rows]
+            state = tuple(s[rows] for s in state)
 
     # Beams still open were cut at max_length (images that stopped early have none left).
-    cut_lengths = torch.full_like(live_scores, history.size(1))
-    pool.add(_length_normalise(live_scores, cut_lengths, length_penalty), live_scores,
-             history.view(batch, beam_size, history.size(1)), finished=False)
+    if active.numel():
+        cut_lengths = torch.full_like(live_scores, history.size(1))
+        pool.add(_length_normalise(live_scores, cut_lengths, length_penalty), live_scores,
+                 history.view(active.numel(), beam_size, history.size(1)), finished=False, images=active)
     return pool.hypotheses()
 
 
@@ -227,18 +236,19 @@ class _Pool:
     def worst_score(self) -> Tensor:  # (batch,); -inf while the pool is not full
         return self.scores[:, -1]
 
-    def add(self, scores: Tensor, log_probs: Tensor, tokens: Tensor, finished: bool) -> None:
-        """Offer hypotheses: scores, log_probs (batch, m); tokens (batch, m, length). -inf: no hypothesis."""
+    def add(self, scores: Tensor, log_probs: Tensor, tokens: Tensor, finished: bool, images: Tensor) -> None:
+        """Offer hypotheses for the pool rows `images` (k,): scores, log_probs (k, m); tokens (k, m, length).
+        A score of -inf means no hypothesis."""
         length = tokens.size(2)
         tokens = torch.nn.functional.pad(tokens, (0, self.max_length - length), value=self.pad_id)
-        all_scores = torch.cat([self.scores, scores], dim=1)  # (batch, n_best + m)
-        self.scores, best = all_scores.topk(self.n_best, dim=1)
-        self.log_probs = torch.cat([self.log_probs, log_probs], dim=1).gather(1, best)
+        all_scores = torch.cat([self.scores[images], scores], dim=1)  # (k, n_best + m)
+        self.scores[images], best = all_scores.topk(self.n_best, dim=1)
+        self.log_probs[images] = torch.cat([self.log_probs[images], log_probs], dim=1).gather(1, best)
         new_lengths = torch.full_like(scores, length, dtype=torch.long)
-        self.lengths = torch.cat([self.lengths, new_lengths], dim=1).gather(1, best)
+        self.lengths[images] = torch.cat([self.lengths[images], new_lengths], dim=1).gather(1, best)
         new_finished = torch.full_like(scores, finished, dtype=torch.bool)
-        self.finished = torch.cat([self.finished, new_finished], dim=1).gather(1, best)
-        self.tokens = torch.cat([self.tokens, tokens], dim=1).gather(
+        self.finished[images] = torch.cat([self.finished[images], new_finished], dim=1).gather(1, best)
+        self.tokens[images] = torch.cat([self.tokens[images], tokens], dim=1).gather(
             1, best.unsqueeze(2).expand(-1, -1, self.max_length))
 
     def hypotheses(self) -> list[list[Hypothesis]]:

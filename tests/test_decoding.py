@@ -40,9 +40,11 @@ class TableModel:
         self.calls += 1
         image_term, code = state
         table = image_term[:, 0, 0].long()  # (rows,)
-        if self.expected_rows_per_image:  # rows must stay grouped by image, in order
-            rows = torch.arange(len(table)) // self.expected_rows_per_image
-            assert torch.equal(table, rows), "state rows were mixed across images"
+        if self.expected_rows_per_image:  # rows must stay grouped by image, in order (images that
+            # finished early may have left the batch)
+            groups = table.view(-1, self.expected_rows_per_image)
+            assert bool((groups == groups[:, :1]).all()), "state rows were mixed across images"
+            assert bool((groups[1:, 0] > groups[:-1, 0]).all()), "images changed order"
         code = next_code(code, tokens)
         return self.tables[table, code], (image_term, code)
 
@@ -396,3 +398,25 @@ def test_sample_frequencies_follow_the_tempered_distribution(temperature):
     row[list(SPECIALS)] = -math.inf
     expected = (row / temperature).softmax(0)
     assert torch.allclose(counts / counts.sum(), expected, atol=0.03)
+
+
+def test_images_that_stop_early_leave_the_batch():
+    """Image 0 ends at once with certainty; image 1 never ends: after the first step only image 1's beams
+    are computed, and both get the captions they would get alone."""
+    tables = make_tables(2, seed=3)
+    tables[0, :, :] = -math.inf
+    tables[0, :, END] = 0.0
+    tables[1, :, END] = -math.inf
+    rows_seen = []
+
+    class Counting(TableModel):
+        def step(self, tokens, state):
+            rows_seen.append(tokens.numel())
+            return super().step(tokens, state)
+
+    config = DecodeConfig(beam_size=3, n_best=1, max_length=5, length_penalty=0.0)
+    together = beam_search(Counting(tables), features(2), config, START, END, SPECIALS)
+    assert rows_seen == [6, 3, 3, 3, 3]
+    alone = beam_search(TableModel(tables), features(2)[1:], config, START, END, SPECIALS)
+    assert together[0][0].tokens == [] and together[0][0].finished
+    assert together[1] == alone[0]
