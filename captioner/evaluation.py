@@ -82,7 +82,8 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
 
 
 def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any], features_dirs: list[str | Path],
-                  batch_size: int, device: torch.device) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+                            batch_size: int, device: torch.device
+                            ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
     """image_features() for one checkpoint, from the first of `features_dirs` made by its encoder."""
     name = encoder.get("encoder", "efficientnet_lite0")
     if len(features_dirs) > 1:
@@ -96,8 +97,9 @@ def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any
                           encoder.get("weights_hash"))
 
 
-def join_member_features(records: list[CaptionRecord], per_member: list[tuple[list[CaptionRecord], torch.Tensor, list[str]]]
-                    ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+def join_member_features(records: list[CaptionRecord],
+                         per_member: list[tuple[list[CaptionRecord], torch.Tensor, list[str]]]
+                         ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
     """Keep the images every member has a feature for; their features side by side, in member order."""
     if len(per_member) == 1:
         return per_member[0]
