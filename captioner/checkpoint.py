@@ -11,8 +11,6 @@ previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from safetensors.torch import save_file
 from captioner.config import ModelConfig, from_dict, to_dict
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
-from captioner.utils import default_file_mode
+from captioner.utils import atomic_replace
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -53,20 +51,10 @@ def resolve(path: str | Path) -> Path:
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> None:
     """Write a safetensors file through a temp file + rename, so readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0o600; a checkpoint is as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_replace(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def save_checkpoint(path: str | Path, model: CaptionDecoder, vocab: Vocabulary, encoder: dict[str, Any],

@@ -81,3 +81,12 @@ def load_ensemble(paths: Sequence[str | Path], device: str | torch.device = "cpu
                                   "mixes next-word distributions, so every member must share one vocabulary")
     ensemble = EnsembleDecoder([checkpoint.model for checkpoint in checkpoints]).eval()
     return ensemble, checkpoints
+
+
+def load_decoder(paths: Sequence[str | Path], device: str | torch.device = "cpu"
+                 ) -> tuple[CaptionDecoder | EnsembleDecoder, list[Checkpoint]]:
+    """One checkpoint's decoder as it is, or several as an ensemble; with the loaded checkpoints."""
+    if len(paths) == 1:
+        checkpoint = load_checkpoint(paths[0], device=device)
+        return checkpoint.model, [checkpoint]
+    return load_ensemble(paths, device=device)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
+from captioner.ensemble import load_decoder
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
 from captioner.utils import resolve_device, write_text_atomic
@@ -126,14 +126,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     paths = list(checkpoint_path) if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path]
     features_dirs = (list(features_dir) if isinstance(features_dir, (list, tuple))
                      else [] if features_dir is None else [features_dir])
-    if len(paths) == 1:
-        checkpoint = load_checkpoint(paths[0], device=device_)
-        model, checkpoints = checkpoint.model, [checkpoint]
-    else:
-        from captioner.ensemble import load_ensemble
-
-        model, checkpoints = load_ensemble(paths, device=device_)
-        checkpoint = checkpoints[0]
+    model, checkpoints = load_decoder(paths, device=device_)
+    checkpoint = checkpoints[0]
     records = dataset.split(split)
     if not records:
         raise ValueError(f"the dataset has no {split!r} images")

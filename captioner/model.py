@@ -12,8 +12,10 @@ steps in one matrix product, W_v·v' once per caption, and then only the recurre
 the same outputs (tested). Training uses `nn.LSTM` by default (`lstm_impl="nn"`): on the 2-core CPU
 here, `scripts/bench_train.py` measured it at 378 captions/s against the loop's 284 (its fused
 kernels beat the loop's per-step Python, even though the loop skips recomputing the image term).
-Decoding always steps through `step`, which adds the precomputed image term. Inject-first ("first", Show and Tell): v' is fed as the input of one
-step before `<start>` and never again.
+Decoding always steps through `step`, which adds the precomputed image term.
+
+Inject-first ("first", Show and Tell): v' is fed as the input of one step before `<start>` and never
+again.
 
 Tensor shapes are written as (batch, time, ...); "tokens" means the real (non-padding) positions of
 a batch, packed time-major as `pack_padded_sequence` orders them.

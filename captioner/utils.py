@@ -1,11 +1,12 @@
-"""Small helpers shared by the library: progress bars, atomic text writes, device choice."""
+"""Small helpers shared by the library: progress bars, atomic file writes, device choice."""
 
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,21 +30,29 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temp file + rename, so readers see the old or the new file, never half."""
+@contextmanager
+def atomic_replace(path: str | Path) -> Iterator[Path]:
+    """Yield a temp file beside `path` to write; on success it is fsynced, given the usual file mode and
+    renamed onto `path`, so readers see the old file or the new one, never half. On error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file via a temp file + rename (`atomic_replace`)."""
+    with atomic_replace(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

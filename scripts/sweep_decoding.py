@@ -33,14 +33,9 @@ def main() -> None:
 
     import torch
 
-    from captioner.checkpoint import load_checkpoint
-    from captioner.ensemble import load_ensemble
+    from captioner.ensemble import load_decoder
 
-    if len(args.checkpoints) == 1:
-        checkpoint = load_checkpoint(args.checkpoints[0])
-        model, checkpoints = checkpoint.model, [checkpoint]
-    else:
-        model, checkpoints = load_ensemble(args.checkpoints)
+    model, checkpoints = load_decoder(args.checkpoints)
     vocab = checkpoints[0].vocab
     records = load_dataset(args.data).split(args.split)
     device = torch.device("cpu")
