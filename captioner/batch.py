@@ -1,9 +1,9 @@
 """Caption files, folders and globs in batches: `captioner caption PATH...`.
 
-Images are loaded and preprocessed by DataLoader workers while the main process runs the CNN and the
-batched decoder, so loading overlaps decoding. An unreadable file becomes an error row (path and
-reason, also on stderr) and the rest continue. Results are appended and flushed batch by batch, so a
-crash loses at most the batch in flight, and `--resume` skips images already in the output file.
+A DataLoader loads and preprocesses the images (with threads on the CPU, worker processes beside a GPU);
+the CNN runs per loaded batch and the batched decoder per group of batches. An unreadable file becomes an error row (path and reason, also on stderr) and the rest
+continue. Results are appended and flushed after each decoded group (128 images by default), so a crash
+loses at most the group in flight, and `--resume` skips images already in the output file.
 
 Exit status: 0 every image captioned, 1 some failed, 2 bad usage (e.g. the output exists without
 --resume, or no checkpoint).
@@ -153,10 +153,14 @@ def _row(image: str, captions: list | None = None, error: str | None = None) -> 
 # ------------------------------------------------------------------------------------------ run
 def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config: DecodeConfig, output: str | None = None,
                   recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
-                  device: str = "auto", progress: bool = True) -> int:
+                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128) -> int:
     """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
 
-    `checkpoint`: a checkpoint path, or a `Captioner` already loaded (then `device` is ignored)."""
+    `checkpoint`: a checkpoint path, or a `Captioner` already loaded (then `device` is ignored).
+    `batch_size` images go through the CNN at a time; their features are decoded `decode_batch_size` (or
+    more) at a time, and the results of each decoded group are written before the next is loaded."""
+    import torch
+
     from captioner.api import Captioner
     from captioner.features import encode_images, image_loader
 
@@ -187,13 +191,28 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config:
     emit([_row(item, error=problem) for item, problem in problems])
     loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
     bar = progress_bar(loader, desc="captioning", enabled=progress, total=len(loader), unit="batch")
-    for batch in bar:
-        rows = {index: _row(paths[index], error=reason) for index, reason in batch.failures}
-        if batch.indices:
-            features = encode_images(captioner.encoder, batch.images)
-            for index, captions in zip(batch.indices, captioner.caption_features(features, config), strict=True):
+    # The CNN runs per loader batch; the decoder waits for `decode_batch_size` features (several loader
+    # batches), because batched beam search gains more from large batches than the CNN does.
+    rows: dict[int, dict[str, Any]] = {}
+    waiting: list[tuple[list[int], Any]] = []  # (indices, features) not decoded yet
+
+    def decode_waiting() -> None:
+        if waiting:
+            indices = [index for batch_indices, _ in waiting for index in batch_indices]
+            features = torch.cat([batch_features for _, batch_features in waiting])
+            for index, captions in zip(indices, captioner.caption_features(features, config), strict=True):
                 rows[index] = _row(paths[index], captions)
+            waiting.clear()
         emit([rows[i] for i in sorted(rows)])
+        rows.clear()
+
+    for batch in bar:
+        rows.update({index: _row(paths[index], error=reason) for index, reason in batch.failures})
+        if batch.indices:
+            waiting.append((batch.indices, encode_images(captioner.encoder, batch.images)))
+        if sum(len(indices) for indices, _ in waiting) >= decode_batch_size:
+            decode_waiting()
+    decode_waiting()
     total = len(paths) + len(problems)
     print(f"captioned {total - failures} of {total} images" + (f"; {failures} failed" if failures else "")
           + (f"; results in {writer.path}" if writer else ""), file=sys.stderr)

@@ -170,11 +170,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
             return distributed.caption_paths_sharded(
                 args.paths, checkpoint=args.checkpoint or default_checkpoint(), config=decode_config(args),
                 output=args.output, recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
-                num_workers=args.workers, device=args.device)
+                num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
     return caption_paths(args.paths, checkpoint=args.checkpoint or default_checkpoint(),
                          config=decode_config(args), output=args.output, recursive=args.recursive,
                          resume=args.resume, batch_size=args.batch_size, num_workers=args.workers,
-                         device=args.device)
+                         device=args.device, decode_batch_size=args.decode_batch_size)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -209,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     p.add_argument("--output", "-o", default=None, help="results file: .jsonl, .csv or .json (default: print)")
     p.add_argument("--resume", action="store_true", help="skip images already in --output")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per CNN batch")
+    p.add_argument("--decode-batch-size", type=int, default=128,
+                   help="images decoded together (batched beam search is faster on bigger batches); results are "
+                        "written after each such group")
     p.add_argument("--workers", type=int, default=None,
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -94,3 +94,19 @@ def test_all_good_exits_zero_and_prints(tiny_run, mixed_folder, capsys):
 def test_result_writer_rejects_unknown_format(tmp_path):
     with pytest.raises(ValueError, match=".jsonl, .csv or .json"):
         ResultWriter(tmp_path / "out.txt", resume=False)
+
+
+@pytest.mark.shared_data
+def test_decoding_in_groups_changes_nothing_but_when_rows_are_written(tiny_run, mixed_folder, tmp_path):
+    """The same rows, in input order, whether features are decoded per CNN batch or in groups of batches
+    (a group here spans good and broken files of several batches)."""
+    outputs = []
+    for decode_batch_size in (1, 3, 128):
+        output = tmp_path / f"grouped{decode_batch_size}.jsonl"
+        assert main(["caption", str(mixed_folder), "--recursive", "--checkpoint", str(tiny_run["checkpoint"]),
+                     "--output", str(output), "--batch-size", "2", "--decode-batch-size", str(decode_batch_size),
+                     "--strategy", "beam", "--beam-size", "3", "--n-best", "2"]) == 1
+        outputs.append(output.read_text())
+    assert outputs[0] == outputs[1] == outputs[2]
+    rows = [json.loads(line) for line in outputs[0].splitlines()]
+    assert len(rows) == 6 and sum(row["error"] is None for row in rows) == 3

@@ -53,7 +53,7 @@ def _batch(batch: int = 6, length: int = 9):
 
 
 @pytest.mark.parametrize("impl", ["nn", "loop"])
-@pytest.mark.parametrize("settings", [{}, {"num_layers": 2}, {"image_input": "first"}])
+@pytest.mark.parametrize("settings", [{}, {"num_layers": 2}, {"image_input": "first", "image_dim": 24}])
 def test_teacher_forced_logits_match_the_cpu(impl, settings):
     model = _model(impl, **settings)
     features, captions, lengths = _batch()

@@ -232,7 +232,7 @@ def test_caption_killed_mid_run_resumes_without_redoing_finished_images(syntheti
     header_lines = 1 if suffix == ".csv" else 0
     output, log = tmp_path / f"results{suffix}", tmp_path / "caption.log"
     args = ["caption", str(synthetic["images"]), "--checkpoint", str(toy_checkpoint), "--output", str(output),
-            "--strategy", "greedy", "--batch-size", "1"]
+            "--strategy", "greedy", "--batch-size", "1", "--decode-batch-size", "1"]  # a row per image
     process = captioner_process(args, log)
     wait_for(process, lambda: len(complete_lines(output)) >= header_lines + rows_before_kill, log)
     kill(process, log)

@@ -88,3 +88,35 @@ def test_tiny_model_overfits_and_greedy_decodes_captions_back():
     for strategy in ("greedy", "beam"):
         decoded = decode_features(model, vocab, features, DecodeConfig(strategy=strategy, beam_size=3))
         assert [c[0].text for c in decoded] == [" ".join(s) for s in sentences]
+
+
+@pytest.mark.parametrize("image_input", ["every", "first"])
+def test_inference_step_looks_up_word_gates_and_follows_weight_changes(image_input):
+    """Without gradients, `step` reads the word term from a cached table; it gives the product's result,
+    and the table follows in-place updates (an optimizer step) and loaded weights."""
+    config = ModelConfig(vocab_size=30, feature_dim=16, embed_dim=12, hidden_dim=20, image_dim=12, dropout=0.3,
+                         image_input=image_input)
+    torch.manual_seed(0)
+    model = CaptionDecoder(config).eval()
+    features, tokens = torch.randn(4, 16), torch.tensor([1, 5, 7, 29])
+
+    def both_paths():
+        with torch.enable_grad():  # grad mode: the plain product
+            expected, _ = model.step(tokens, model.init_state(features))
+        with torch.inference_mode():
+            looked_up, _ = model.step(tokens, model.init_state(features))
+        torch.testing.assert_close(looked_up, expected.detach(), atol=1e-6, rtol=1e-5)
+        return looked_up
+
+    before = both_paths()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    logits, targets = model(features, torch.randint(0, 30, (4, 6)), torch.tensor([6, 5, 4, 3]))
+    torch.nn.functional.cross_entropy(logits, targets).backward()
+    optimizer.step()
+    model.eval()
+    after_step = both_paths()
+    assert not torch.allclose(before, after_step)
+    torch.manual_seed(1)
+    model.load_state_dict(CaptionDecoder(config).state_dict())
+    assert not torch.allclose(after_step, both_paths())
