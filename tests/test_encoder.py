@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 from captioner import encoder as encoder_module
+from captioner.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
 from captioner.encoder import (
     LITE2_STAGE_DEPTHS,
     EncoderUnavailableError,
-    build_lite0_timm_model,
-    build_lite2_timm_model,
     convert_lite0_state_dict,
     convert_lite_state_dict,
     get_encoder,
@@ -55,10 +54,10 @@ def test_registry_lists_the_encoders() -> None:
         get_encoder_spec("vgg16")
 
 
-def test_lite0_packaged_weights_fill_every_timm_key_exactly() -> None:
+def test_lite0_packaged_weights_fill_every_key_exactly() -> None:
     original = torch.load(lite0_packaged_weights(), map_location="cpu", weights_only=True)
     converted = convert_lite0_state_dict(original)
-    model = build_lite0_timm_model()
+    model = efficientnet_lite0()
     expected = model.state_dict()
     assert len(converted) == len(original)  # no two source keys collapsed onto one name
     assert set(converted) == set(expected)  # nothing missing, nothing left over
@@ -69,10 +68,10 @@ def test_lite0_packaged_weights_fill_every_timm_key_exactly() -> None:
     assert torch.equal(model.state_dict()["blocks.6.0.conv_pwl.weight"], original["_blocks.15._project_conv.weight"])
 
 
-def test_lite2_packaged_weights_fill_every_timm_key_exactly() -> None:
+def test_lite2_packaged_weights_fill_every_key_exactly() -> None:
     original = torch.load(lite2_packaged_weights(), map_location="cpu", weights_only=True)
     converted = convert_lite_state_dict(original, LITE2_STAGE_DEPTHS)
-    model = build_lite2_timm_model()
+    model = efficientnet_lite2()
     expected = model.state_dict()
     assert len(converted) == len(original) == len(expected)
     assert set(converted) == set(expected)
@@ -83,7 +82,28 @@ def test_lite2_packaged_weights_fill_every_timm_key_exactly() -> None:
     assert torch.equal(converted["blocks.1.0.conv_pw.weight"], original["_blocks.1._expand_conv.weight"])
     # The Lite0 depths do not fit Lite2's file: the strict load says so instead of loading half of it.
     with pytest.raises(EncoderUnavailableError, match="missing"):
-        load_strict(build_lite2_timm_model(), convert_lite0_state_dict(original), "lite2 as lite0")
+        load_strict(efficientnet_lite2(), convert_lite0_state_dict(original), "lite2 as lite0")
+
+
+@pytest.mark.parametrize(("ours", "timm_name", "packaged", "depths", "size"), [
+    (efficientnet_lite0, "tf_efficientnet_lite0", lite0_packaged_weights, (1, 2, 2, 3, 3, 4, 1), 224),
+    (efficientnet_lite2, "tf_efficientnet_lite2", lite2_packaged_weights, LITE2_STAGE_DEPTHS, 260),
+])
+def test_our_efficientnet_lite_is_timms(ours, timm_name, packaged, depths, size) -> None:
+    """Same parameter names and shapes as timm's network, and the same features and logits from the same
+    weights, at the model's size and at an odd one (where "same" padding is asymmetric)."""
+    timm = pytest.importorskip("timm", reason="timm (a dev dependency) is the reference implementation")
+    reference, model = timm.create_model(timm_name, pretrained=False).eval(), ours().eval()
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    state = convert_lite_state_dict(torch.load(packaged(), map_location="cpu", weights_only=True), depths)
+    load_strict(model, state, "ours")
+    load_strict(reference, state, "timm")
+    for height, width in ((size, size), (171, 229)):
+        images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height))
+        with torch.no_grad():
+            expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+            torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.classify(images), reference(images), atol=1e-4, rtol=1e-4)
 
 
 def test_lite2_encoder_preprocessing_and_features() -> None:
@@ -97,7 +117,7 @@ def test_lite2_encoder_preprocessing_and_features() -> None:
 
 
 def test_strict_load_lists_missing_and_unexpected_keys() -> None:
-    model = build_lite0_timm_model()
+    model = efficientnet_lite0()
     state = dict(model.state_dict())
     del state["conv_head.weight"]
     state["_extra.weight"] = torch.zeros(1)
@@ -129,17 +149,28 @@ def test_batchnorm_folding_keeps_features_and_hash(lite0) -> None:
     assert torch.allclose(lite0.classify(images), unfused.classify(images), atol=1e-3)
 
 
+def test_lite0_weights_hash_is_the_shipped_checkpoints(lite0) -> None:
+    """The hash that ties feature caches and checkpoints to their CNN weights did not move when the encoder
+    left timm for captioner.efficientnet_lite."""
+    from conftest import REPO_ROOT
+
+    from captioner.checkpoint import load_checkpoint
+
+    shipped = load_checkpoint(REPO_ROOT / "checkpoints" / "flickr8k-lite0" / "model.safetensors")
+    assert shipped.encoder["weights_hash"] == lite0.weights_hash == "93ab6dc5861655b0"
+
+
 def test_weights_hash_follows_the_numbers(tmp_path: Path) -> None:
     state = {"a": torch.arange(4.0), "b": torch.zeros(2, dtype=torch.int64)}
     assert state_dict_hash(state) == state_dict_hash(dict(reversed(state.items())))
     assert state_dict_hash(state) != state_dict_hash({**state, "a": torch.arange(4.0) + 1})
 
 
-def test_lite0_from_a_local_file_in_timm_form(tmp_path: Path, lite0) -> None:
-    model = build_lite0_timm_model()
+def test_lite0_from_a_local_file_with_converted_keys(tmp_path: Path, lite0) -> None:
+    model = efficientnet_lite0()
     load_strict(model, convert_lite0_state_dict(torch.load(lite0_packaged_weights(), weights_only=True)), "")
-    torch.save(model.state_dict(), tmp_path / "lite0_timm.pth")
-    again = get_encoder("efficientnet_lite0", weights=tmp_path / "lite0_timm.pth", fuse_batchnorm=False)
+    torch.save(model.state_dict(), tmp_path / "lite0_converted.pth")
+    again = get_encoder("efficientnet_lite0", weights=tmp_path / "lite0_converted.pth", fuse_batchnorm=False)
     assert again.weights_hash == lite0.weights_hash  # same numbers, other file: same hash
 
 
