@@ -2,11 +2,12 @@
 
     python scripts/sweep_train.py --features runs/features-flickr8k-lite0 --out runs/sweep
     python scripts/sweep_train.py --features F --out runs/sweep --device cuda --parallel 8 --minutes 6
+    python scripts/sweep_train.py --features F --out runs/sweep --set sizes --device cuda --parallel 8
     python scripts/sweep_train.py --features F --out runs/sweep --run wide "--hidden-dim 1024" --run base ""
 
 Each run is `captioner train --data DATA --features F --out OUT/NAME ARGS --resume` in its own process
-(so an interrupted sweep continues where it stopped). Without --run, the built-in list below is swept, in
-that order. With --minutes, runs not yet started when the time is up are left out and runs still going are
+(so an interrupted sweep continues where it stopped). Without --run, a built-in list below (--set) is
+swept, in that order. With --minutes, runs not yet started when the time is up are left out and runs still going are
 stopped; their row shows the best epoch so far, marked "partial". The table (val, beam search as in
 training: BLEU-4 and CIDEr-D ×100, best epoch, minutes) is printed after every finished run and saved to
 OUT/sweep.json. Choices made from it are made on val; test is scored once, later, by `captioner evaluate`.
@@ -23,24 +24,47 @@ import sys
 import time
 from pathlib import Path
 
-# name -> extra `captioner train` arguments. The defaults of TrainConfig/ModelConfig are the baseline.
-RUNS = {
-    "base": "",
-    "base-seed1": "--seed 1",
-    "hidden1024": "--hidden-dim 1024",
-    "hidden1024-image1024": "--hidden-dim 1024 --image-dim 1024",
-    "embed256": "--embed-dim 256",
-    "image256": "--image-dim 256",
-    "dropout0.3": "--dropout 0.3",
-    "dropout0.65": "--dropout 0.65",
-    "layers2": "--layers 2",
-    "inject-first": "--image-input first",
-    "lr1e-3": "--lr 1e-3",
-    "lr4e-3": "--lr 4e-3",
-    "smoothing0.2": "--label-smoothing 0.2",
-    "epochs30": "--epochs 30 --patience 6",
-    "batch64": "--batch-size 64",
-    "minword3": "--min-word-count 3",
+# name -> extra `captioner train` arguments; the defaults of TrainConfig/ModelConfig are the baseline.
+# "one-at-a-time": each setting changed alone (docs/experiments.md, first GPU sweep).
+# "sizes": wider decoders, alone and with the settings that helped in the first sweep (second GPU sweep).
+WIDE = "--hidden-dim 1024 --image-dim 1024"
+SETS = {
+    "one-at-a-time": {
+        "base": "",
+        "base-seed1": "--seed 1",
+        "hidden1024": "--hidden-dim 1024",
+        "hidden1024-image1024": WIDE,
+        "embed256": "--embed-dim 256",
+        "image256": "--image-dim 256",
+        "dropout0.3": "--dropout 0.3",
+        "dropout0.65": "--dropout 0.65",
+        "layers2": "--layers 2",
+        "inject-first": "--image-input first",
+        "lr1e-3": "--lr 1e-3",
+        "lr4e-3": "--lr 4e-3",
+        "smoothing0.2": "--label-smoothing 0.2",
+        "epochs30": "--epochs 30 --patience 6",
+        "batch64": "--batch-size 64",
+        "minword3": "--min-word-count 3",
+    },
+    "sizes": {
+        "h1024-i1024-seed1": f"{WIDE} --seed 1",
+        "h1024-i1024-e256": f"{WIDE} --embed-dim 256",
+        "h1024-i1024-e256-seed1": f"{WIDE} --embed-dim 256 --seed 1",
+        "h1024-i1024-e256-bf16": f"{WIDE} --embed-dim 256 --amp bf16",
+        "h1024-i1024-e256-ep12": f"{WIDE} --embed-dim 256 --epochs 12",
+        "h768-i768-e256": "--hidden-dim 768 --image-dim 768 --embed-dim 256",
+        "h768-i768": "--hidden-dim 768 --image-dim 768",
+        "i1024": "--image-dim 1024",
+        "h1024-i1024-drop0.65": f"{WIDE} --dropout 0.65",
+        "h1024-i1024-e256-ls0.2": f"{WIDE} --embed-dim 256 --label-smoothing 0.2",
+        "h1536-i1536-e256": "--hidden-dim 1536 --image-dim 1536 --embed-dim 256",
+        "h1024-i1024-e256-b256": f"{WIDE} --embed-dim 256 --batch-size 256 --lr 3e-3",
+        "e256-seed1": "--embed-dim 256 --seed 1",
+        "e128": "--embed-dim 128",
+        "h1024-i1024-e256-drop0.4": f"{WIDE} --embed-dim 256 --dropout 0.4",
+        "h1024-i1024-e256-ep12-bf16-b256": f"{WIDE} --embed-dim 256 --epochs 12 --amp bf16 --batch-size 256 --lr 3e-3",
+    },
 }
 
 
@@ -73,9 +97,10 @@ def main() -> int:
     parser.add_argument("--data", default=os.environ.get("CAPTIONER_FLICKR8K", "../shared/data/flickr8k"))
     parser.add_argument("--features", required=True, help="feature cache made by `captioner features`")
     parser.add_argument("--out", required=True, help="one run folder per setting goes in here")
+    parser.add_argument("--set", default="one-at-a-time", choices=list(SETS), help="a built-in list of settings")
     parser.add_argument("--run", nargs=2, action="append", metavar=("NAME", "ARGS"),
-                        help="a setting to try (repeatable); default: the built-in list")
-    parser.add_argument("--only", help="comma-separated names from the built-in list")
+                        help="a setting to try (repeatable), instead of --set")
+    parser.add_argument("--only", help="comma-separated names from the list")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None,
@@ -83,7 +108,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=None, help="stop the sweep after this long")
     args = parser.parse_args()
 
-    runs = dict(args.run) if args.run else dict(RUNS)
+    runs = dict(args.run) if args.run else dict(SETS[args.set])
     if args.only:
         unknown = [n for n in args.only.split(",") if n not in runs]
         if unknown:
