@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--images", default="../shared/data/flickr8k/images")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants", action="store_true",
+                        help="also time the steady state with other pipeline settings, side by side")
     args = parser.parse_args()
 
     from captioner.api import Captioner
@@ -78,6 +80,19 @@ def main() -> None:
                       output=str(Path(tmp) / "steady.jsonl"), batch_size=args.batch_size, progress=False)
         steady = len(paths) / (time.perf_counter() - start)
 
+        variants = {}
+        if args.variants:  # each once, in this order, after the default above
+            settings = {"decoding per CNN batch (no grouping)": {"decode_batch_size": 1},
+                        "no prefetch thread": {"prefetch": False},
+                        "prefetch thread": {"prefetch": True},
+                        "one loader worker process": {"num_workers": 1}}
+            for number, (name, overrides) in enumerate(settings.items()):
+                start = time.perf_counter()
+                caption_paths([str(listing)], captioner, DecodeConfig(strategy="beam", beam_size=3),
+                              output=str(Path(tmp) / f"variant{number}.jsonl"), progress=False,
+                              **{"batch_size": args.batch_size, **overrides})
+                variants[name] = len(paths) / (time.perf_counter() - start)
+
     bare = bare_forward_images_per_second(captioner.encoder, paths, args.batch_size)
     end_to_end = captioned / end_to_end_seconds
     print("\n1. batch command vs bare CNN forward")
@@ -85,6 +100,8 @@ def main() -> None:
     print(f"   steady state (model loaded; loading, CNN, beam 3, writing):           {steady:6.1f} images/s")
     print(f"   bare CNN forward on preprocessed in-memory images:                   {bare:6.1f} images/s")
     print(f"   ratio: end to end {end_to_end / bare:.2f}, steady state {steady / bare:.2f} (target >= 0.8)")
+    for name, rate in variants.items():
+        print(f"   steady state, {name + ':':<42} {rate:6.1f} images/s ({rate / bare:.2f})")
 
     latencies = []
     for path in paths[:60]:
