@@ -153,14 +153,12 @@ def _row(image: str, captions: list | None = None, error: str | None = None) -> 
 # ------------------------------------------------------------------------------------------ run
 def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config: DecodeConfig, output: str | None = None,
                   recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
-                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128,
-                  prefetch: bool = False) -> int:
+                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128) -> int:
     """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
 
     `checkpoint`: a checkpoint path, or a `Captioner` already loaded (then `device` is ignored).
     `batch_size` images go through the CNN at a time; their features are decoded `decode_batch_size` (or
-    more) at a time, and the results of each decoded group are written before the next is loaded.
-    `prefetch`: load the next batch in a background thread meanwhile (CPU, no worker processes)."""
+    more) at a time, and the results of each decoded group are written before the next is loaded."""
     import torch
 
     from captioner.api import Captioner
@@ -191,8 +189,7 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config:
             writer.write(rows)
 
     emit([_row(item, error=problem) for item, problem in problems])
-    loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers,
-                          prefetch=prefetch)
+    loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
     bar = progress_bar(loader, desc="captioning", enabled=progress, total=len(loader), unit="batch")
     # The CNN runs per loader batch; the decoder waits for `decode_batch_size` features (several loader
     # batches), because batched beam search gains more from large batches than the CNN does.

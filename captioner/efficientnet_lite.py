@@ -66,7 +66,7 @@ class DepthwiseSeparable(nn.Module):
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.bn2(self.conv_pw(F.relu6(self.bn1(self.conv_dw(x)))))
+        y = self.bn2(self.conv_pw(F.relu6(self.bn1(self.conv_dw(x)), inplace=True)))
         return x + y if self.residual else y
 
 
@@ -86,8 +86,8 @@ class InvertedResidual(nn.Module):
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self.bn1(self.conv_pw(x)))
-        y = F.relu6(self.bn2(self.conv_dw(y)))
+        y = F.relu6(self.bn1(self.conv_pw(x)), inplace=True)
+        y = F.relu6(self.bn2(self.conv_dw(y)), inplace=True)
         y = self.bn3(self.conv_pwl(y))
         return x + y if self.residual else y
 
@@ -117,8 +117,8 @@ class EfficientNetLite(nn.Module):
         self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = F.relu6(self.bn1(self.conv_stem(images)))
-        x = F.relu6(self.bn2(self.conv_head(self.blocks(x))))
+        x = F.relu6(self.bn1(self.conv_stem(images)), inplace=True)
+        x = F.relu6(self.bn2(self.conv_head(self.blocks(x))), inplace=True)
         return x.mean(dim=(2, 3))  # (B, 1280)
 
     def classify(self, images: Tensor) -> Tensor:

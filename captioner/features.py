@@ -249,9 +249,8 @@ class ImageLoader:
     """Batches of loaded, preprocessed, normalised images; see `image_loader`. Has `len()` (batches)."""
 
     def __init__(self, dataset: _ImageFiles, loader: DataLoader, preprocessor: Preprocessor,
-                 device: torch.device, channels_last: bool, prefetch: bool = False) -> None:
+                 device: torch.device, channels_last: bool) -> None:
         self.dataset = dataset
-        self.prefetch = prefetch
         self.loader = loader
         self.preprocessor = preprocessor
         self.device = device
@@ -261,27 +260,15 @@ class ImageLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[ImageBatch]:
-        batches = iter(self.loader)
         try:
-            if not self.prefetch:
-                for batch in batches:
-                    yield self._finish(batch)
-                return
-            # One batch ahead in a background thread: PIL decodes while the caller runs the CNN.
-            with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-                pending = pool.submit(next, batches, None)
-                while (batch := pending.result()) is not None:
-                    pending = pool.submit(next, batches, None)
-                    yield self._finish(batch)
+            for batch in self.loader:
+                images = None
+                if batch["pixels"] is not None:
+                    pixels = batch["pixels"].to(self.device, non_blocking=True)
+                    images = self.preprocessor.normalize(pixels, channels_last=self.channels_last)
+                yield ImageBatch(batch["indices"], images, batch["failures"])
         finally:
             self.dataset.close()
-
-    def _finish(self, batch: dict[str, Any]) -> ImageBatch:
-        images = None
-        if batch["pixels"] is not None:
-            pixels = batch["pixels"].to(self.device, non_blocking=True)
-            images = self.preprocessor.normalize(pixels, channels_last=self.channels_last)
-        return ImageBatch(batch["indices"], images, batch["failures"])
 
 
 def image_loader(
@@ -294,7 +281,6 @@ def image_loader(
     channels_last: bool | None = None,
     draft: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    prefetch: bool = False,
 ) -> ImageLoader:
     """Load and preprocess image files in batches, in order, for `encoder`; bad files become failures.
 
@@ -306,8 +292,6 @@ def image_loader(
     channels_last: give the CNN channels-last batches; None chooses it on CPU, where it is about 1.7×
         faster for EfficientNet-Lite0 here.
     draft: let the JPEG decoder downscale large photos while decoding (`load_image(draft_size=...)`).
-    prefetch: with no worker processes, load the next batch in a background thread while the caller
-        works on the current one.
     """
     device = torch.device(device) if device is not None else encoder.device
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -323,7 +307,7 @@ def image_loader(
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
     )
-    return ImageLoader(dataset, loader, encoder.preprocessor, device, channels_last, prefetch and num_workers == 0)
+    return ImageLoader(dataset, loader, encoder.preprocessor, device, channels_last)
 
 
 class _PartialCache:

@@ -83,8 +83,7 @@ def main() -> None:
         variants = {}
         if args.variants:  # each once, in this order, after the default above
             settings = {"decoding per CNN batch (no grouping)": {"decode_batch_size": 1},
-                        "no prefetch thread": {"prefetch": False},
-                        "prefetch thread": {"prefetch": True},
+                        "CNN batch 64": {"batch_size": 64},
                         "one loader worker process": {"num_workers": 1}}
             for number, (name, overrides) in enumerate(settings.items()):
                 start = time.perf_counter()

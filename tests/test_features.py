@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -187,20 +186,6 @@ def test_compute_features_and_image_loader(encoder: Encoder, photo_dir: Path, tm
     batches = list(loader)
     assert len(loader) == 2 and [b.indices for b in batches] == [[0], [2]]
     assert batches[0].failures == [(1, "file not found")] and batches[0].images.shape == (1, 3, 224, 224)
-
-
-def test_prefetching_loader_gives_the_same_batches_and_stops_cleanly(encoder: Encoder, photo_dir: Path,
-                                                                     tmp_path: Path) -> None:
-    paths = [photo_dir / "photo_00.jpg", tmp_path / "missing.jpg", photo_dir / "photo_01.jpg",
-             photo_dir / "photo_02.jpg", photo_dir / "photo_03.jpg"]
-    plain = list(image_loader(paths, encoder, batch_size=2))
-    ahead = list(image_loader(paths, encoder, batch_size=2, prefetch=True))
-    assert [(b.indices, b.failures) for b in ahead] == [(b.indices, b.failures) for b in plain]
-    assert all(torch.equal(a.images, b.images) for a, b in zip(ahead, plain, strict=True))
-    batches = iter(image_loader(paths, encoder, batch_size=1, prefetch=True))
-    assert next(batches).indices == [0]
-    batches.close()  # a caller that stops early: the background load ends, nothing hangs
-    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]
 
 
 @pytest.mark.shared_data
