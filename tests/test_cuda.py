@@ -14,18 +14,15 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO_ROOT
+from test_training import _records  # random captions over a small vocabulary, random features
 
 from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig, ModelConfig, TrainConfig
-from captioner.data.records import CaptionRecord
 from captioner.decoding import decode
 from captioner.model import CaptionDecoder
 from captioner.training import BEST, LOG, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
-
-WORDS = ["dog", "cat", "man", "woman", "runs", "sits", "on", "the", "grass", "beach", "red", "blue"]
-
 
 @pytest.fixture(autouse=True)
 def exact_float32():
@@ -91,16 +88,6 @@ def test_sampling_on_cuda_is_reproducible():
 
     assert run(0) == run(0)
     assert run(0) != run(1)
-
-
-def _records(count, split, seed):
-    generator = torch.Generator().manual_seed(seed)
-    records = []
-    for i in range(count):
-        picks = torch.randint(0, len(WORDS), (3, 4), generator=generator).tolist()
-        captions = [f"a {' '.join(WORDS[j] for j in row)} ." for row in picks]
-        records.append(CaptionRecord(f"{split}{i}.jpg", f"/nowhere/{split}{i}.jpg", captions, split))
-    return records, torch.randn(count, 16, generator=generator)
 
 
 def _train(out_dir, device, amp=None, epochs=4):
