@@ -71,8 +71,8 @@ def _scan_folder(folder: str, recursive: bool) -> list[str]:
 
 # --------------------------------------------------------------------------------------- outputs
 class ResultWriter:
-    """Appends result rows to .jsonl / .csv (flushed and fsync'd per batch) or rewrites .json
-    atomically per batch; reads back what an earlier run wrote, for --resume."""
+    """Appends result rows to .jsonl / .csv (one write call and an fsync per decoded group) or rewrites
+    .json atomically per group; reads back what an earlier run wrote, for --resume."""
 
     def __init__(self, path: str | Path, resume: bool):
         self.path = Path(path)
@@ -106,17 +106,27 @@ class ResultWriter:
             write_text_atomic(self.path, _to_json(self.rows, indent=1))
             return
         new_file = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", encoding="utf-8", errors="surrogateescape", newline="") as handle:
-            if self.format == "jsonl":
-                handle.writelines(_to_json(row) + "\n" for row in rows)
-            else:
-                writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-                if new_file:
-                    writer.writeheader()
-                for row in rows:
-                    writer.writerows(_csv_rows(row))
-            handle.flush()
-            os.fsync(handle.fileno())
+        if self.format == "jsonl":
+            text = "".join(_to_json(row) + "\n" for row in rows)
+        else:
+            buffer = io.StringIO(newline="")
+            writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+            if new_file:
+                writer.writeheader()
+            for row in rows:
+                writer.writerows(_csv_rows(row))
+            text = buffer.getvalue()
+        # One write call for the whole group: a process killed while writing leaves all of it or none of
+        # it (a CSV image's n-best rows never end up split), and a cut line is repaired on --resume.
+        data = text.encode("utf-8", errors="surrogateescape")
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view):]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _to_json(value: Any, **options: Any) -> str:

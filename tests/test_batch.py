@@ -96,6 +96,32 @@ def test_result_writer_rejects_unknown_format(tmp_path):
         ResultWriter(tmp_path / "out.txt", resume=False)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_group_of_rows_is_one_write_call(tmp_path, monkeypatch, suffix):
+    """A kill can interrupt between system calls, not inside one: with the whole group in one write, an
+    image's n-best CSV rows are never left half-written."""
+    import os
+
+    from captioner.batch import _row
+    from captioner.inference import Caption
+
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    captions = [Caption(f"caption {k} with a comma, and \"quotes\"", -1.0 * k, -0.5 * k, True) for k in range(3)]
+    rows = [_row(f"image{i}.jpg", captions) for i in range(200)] + [_row("bad.jpg", error="not an image")]
+    writer = ResultWriter(tmp_path / f"out{suffix}", resume=False)
+    writer.write(rows)
+    writer.write(rows[:2])
+    assert len(writes) == 2 and writes[0] > 8192  # bigger than a buffered writer's chunk
+    again = ResultWriter(tmp_path / f"out{suffix}", resume=True)
+    assert again.done == {row["image"] for row in rows}
+    if suffix == ".csv":
+        with open(tmp_path / "out.csv", newline="") as handle:
+            table = list(csv.DictReader(handle))
+        assert len(table) == 3 * 202 + 1 and table[0]["caption"] == captions[0].text
+
+
 @pytest.mark.shared_data
 def test_decoding_in_groups_changes_nothing_but_when_rows_are_written(tiny_run, mixed_folder, tmp_path):
     """The same rows, in input order, whether features are decoded per CNN batch or in groups of batches
