@@ -8,7 +8,7 @@ Why not timm itself: importing timm pulls in torchvision and torch._dynamo, abou
 Lite is EfficientNet without squeeze-and-excitation, with ReLU6, and with the stem (32 channels), the head
 (1280) and the first and last stages kept at their base size when the network is scaled. The convolutions
 use TensorFlow's "same" padding: symmetric for stride 1, and for stride 2 computed from the input size,
-with the extra pixel on the bottom/right. BatchNorm eps is TensorFlow's 1e-3. Each convolution is
+with the extra pixel on the bottom/right (`SameConv2d`). BatchNorm eps is TensorFlow's 1e-3. Each convolution is
 followed by its BatchNorm as the next sibling module (what `encoder.fuse_batchnorm_into_conv` folds);
 activations are applied in `forward`.
 """
@@ -33,15 +33,23 @@ def round_channels(channels: float, divisor: int = 8) -> int:
 
 
 class SameConv2d(nn.Conv2d):
-    """A strided convolution with TensorFlow's "same" padding, computed for each input size."""
+    """A strided convolution with TensorFlow's "same" padding, computed for each input size.
+
+    The padding is `total // 2` on the top/left and the rest on the bottom/right, so the two sides differ
+    by at most one pixel. Rather than copying the input into a padded tensor (timm's way; the copies took
+    about 15% of the network's time here), the convolution pads symmetrically with the larger amount and,
+    where the sides differ, the kernel gets a leading row/column of zeros, which shifts every window by one
+    pixel: the same sums, without the copy.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        pads = []
-        for size, kernel, stride in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
-                                        reversed(self.stride), strict=True):  # width first, as F.pad wants
+        padding, lead = [], []
+        for size, kernel, stride in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):  # H, W
             total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+            padding.append(total - total // 2)
+            lead.append(total % 2)
+        weight = F.pad(self.weight, [lead[1], 0, lead[0], 0]) if any(lead) else self.weight
+        return F.conv2d(x, weight, self.bias, self.stride, tuple(padding), self.dilation, self.groups)
 
 
 def conv(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Conv2d:
