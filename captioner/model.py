@@ -184,11 +184,11 @@ class CaptionDecoder(nn.Module):
         """W_x·embed(w) + b for every word w: (V, 4H), layer 0's word term of the gates, for decoding
         without dropout or gradients. Cached; rebuilt when the weights change (in-place updates bump a
         tensor's version; `.to()` and loading replace or rewrite the tensors)."""
-        w_x, _ = self._split_input_weights()
         key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in (
             self.embed.weight, self.lstm.weight_ih_l0, self.lstm.bias_ih_l0, self.lstm.bias_hh_l0))
         cached = getattr(self, "_word_gates", None)
         if cached is None or cached[0] != key:
+            w_x, _ = self._split_input_weights()
             with torch.no_grad():
                 table = self.embed.weight @ w_x.T + self._layer_weights(0)[2]
             self._word_gates = (key, table)

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO_ROOT
+from test_model import _batch  # teacher-forcing batches: <start> .. <end>, longest first
 from test_training import _records  # random captions over a small vocabulary, random features
 
 from captioner.checkpoint import load_checkpoint
@@ -40,20 +41,11 @@ def _model(impl: str = "nn", **overrides) -> CaptionDecoder:
     return CaptionDecoder(ModelConfig(**settings), lstm_impl=impl).eval()
 
 
-def _batch(batch: int = 6, length: int = 9):
-    generator = torch.Generator().manual_seed(1)
-    lengths = torch.sort(torch.randint(3, length + 1, (batch,), generator=generator), descending=True).values
-    lengths[0] = length
-    captions = torch.randint(4, 40, (batch, length), generator=generator)
-    features = torch.relu(torch.randn(batch, 32, generator=generator))
-    return features, captions, lengths
-
-
 @pytest.mark.parametrize("impl", ["nn", "loop"])
 @pytest.mark.parametrize("settings", [{}, {"num_layers": 2}, {"image_input": "first", "image_dim": 24}])
 def test_teacher_forced_logits_match_the_cpu(impl, settings):
     model = _model(impl, **settings)
-    features, captions, lengths = _batch()
+    features, captions, lengths = _batch(feature_dim=32)
     with torch.no_grad():
         cpu_logits, cpu_targets = model(features, captions, lengths)
         gpu_logits, gpu_targets = model.cuda()(features.cuda(), captions.cuda(), lengths)

@@ -14,6 +14,7 @@ from PIL import Image
 from captioner import encoder as encoder_module
 from captioner.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
 from captioner.encoder import (
+    LITE0_STAGE_DEPTHS,
     LITE2_STAGE_DEPTHS,
     EncoderUnavailableError,
     convert_lite0_state_dict,
@@ -86,7 +87,7 @@ def test_lite2_packaged_weights_fill_every_key_exactly() -> None:
 
 
 @pytest.mark.parametrize(("ours", "timm_name", "packaged", "depths", "size"), [
-    (efficientnet_lite0, "tf_efficientnet_lite0", lite0_packaged_weights, (1, 2, 2, 3, 3, 4, 1), 224),
+    (efficientnet_lite0, "tf_efficientnet_lite0", lite0_packaged_weights, LITE0_STAGE_DEPTHS, 224),
     (efficientnet_lite2, "tf_efficientnet_lite2", lite2_packaged_weights, LITE2_STAGE_DEPTHS, 260),
 ])
 def test_our_efficientnet_lite_is_timms(ours, timm_name, packaged, depths, size) -> None:
