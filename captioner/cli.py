@@ -108,6 +108,8 @@ def _train(args: argparse.Namespace, device) -> int:
     autocast_dtype(args.amp, device)  # refuse a bad --amp before reading any data
     dataset = load_data(args)
     if args.scst:
+        if args.ema_decay:
+            raise ValueError("--ema-decay averages cross-entropy training; --scst does not use it")
         return _train_scst(args, dataset)
     if args.init_from:
         raise ValueError("--init-from goes with --scst (fine-tuning a trained checkpoint)")
@@ -115,7 +117,7 @@ def _train(args: argparse.Namespace, device) -> int:
     config = TrainConfig(epochs=args.epochs or defaults.epochs, batch_size=args.batch_size,
                          lr=args.lr or defaults.lr, seed=args.seed,
                          label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
-                         patience=args.patience, val_max_images=args.val_images,
+                         patience=args.patience, val_max_images=args.val_images, ema_decay=args.ema_decay,
                          val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
                     "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
     p.add_argument("--patience", type=int, default=defaults.patience)
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                   help="> 0: validate and keep an exponential moving average of the weights with this decay "
+                        "per update (e.g. 0.999); the raw weights are scored too, as val_raw in log.jsonl")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
     p.add_argument("--val-beam-size", type=int, default=defaults.val_decode.beam_size)

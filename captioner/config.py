@@ -69,6 +69,9 @@ class TrainConfig:
     min_word_count: int = 5
     max_caption_length: int = 30  # longer training captions are truncated (<end> kept)
     patience: int = 4  # epochs without val CIDEr-D improvement before stopping
+    # > 0: keep an exponential moving average of the weights (decay per update), validate and save it
+    # instead of the raw weights; the raw weights are scored too, for comparison (`val_raw` in the log).
+    ema_decay: float = 0.0
     seed: int = 0
     val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
     val_max_images: int | None = None

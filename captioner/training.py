@@ -20,6 +20,7 @@ over the ranks and scored on rank 0, and every rank gets the scores, so all agre
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -88,6 +89,38 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), kept in a second model.
+
+    After update k: average = d·average + (1 − d)·weights with d = min(decay, (1 + k) / (10 + k)), so the
+    first averages follow the weights closely instead of remembering the random initialisation.
+    """
+
+    def __init__(self, model: CaptionDecoder, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight-average decay must be between 0 and 1 (exclusive), not {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: CaptionDecoder) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if average.is_floating_point():
+                average.lerp_(current, 1.0 - decay)
+            else:
+                average.copy_(current)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"ema.{name}": value for name, value in self.model.state_dict().items()}
+
+    def load(self, tensors: dict[str, Tensor], updates: int) -> None:
+        self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.updates = updates
 
 
 def validate(model: CaptionDecoder, vocab: Vocabulary, records: list[CaptionRecord], features: Tensor,
@@ -240,6 +273,7 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
     vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.min_word_count)
     model_cfg = ModelConfig(vocab_size=len(vocab), feature_dim=train_features.size(1), **(model_config or {}))
     model = CaptionDecoder(model_cfg).to(device)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if rank > 0:  # same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(_rank_seed(config.seed, rank))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -270,6 +304,8 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
                                   "same settings, or use a new --out folder")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _restore_optimizer(optimizer, tensors)
+        if average is not None:
+            average.load(tensors, state["ema_updates"])
         history, best_cider, bad_epochs = state["history"], state["best_cider"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
         if state.get("grad_scaler") and scaler.is_enabled():
@@ -332,6 +368,8 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update(model)
             if weight:
                 loss_sum += token_losses.detach()
                 token_count += targets.numel()
@@ -341,11 +379,16 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
         train_seconds = time.perf_counter() - epoch_start
         val_start = time.perf_counter()
         limit = config.val_max_images or len(val_records)
-        val_scores = validate(model, vocab, val_records[:limit], val_features[:limit], config)
+        scored = average.model if average is not None else model  # what is validated, selected and saved
+        val_scores = validate(scored, vocab, val_records[:limit], val_features[:limit], config)
+        # with a weight average, the raw weights are scored too, to see what the average brings
+        raw_scores = validate(model, vocab, val_records[:limit], val_features[:limit], config) if average else None
         entry = {"epoch": epoch, "train_loss": total_loss / total_tokens, "lr": lr, "val": val_scores,
                  "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - val_start, 2),
                  "captions_per_second": round(len(data.lengths) / train_seconds, 1),
                  "data_wait_share": round(data_seconds / train_seconds, 4)}
+        if raw_scores is not None:
+            entry["val_raw"] = raw_scores
         history.append(entry)
         improved = val_scores["CIDEr-D"] > best_cider
         best_cider, bad_epochs = (val_scores["CIDEr-D"], 0) if improved else (best_cider, bad_epochs + 1)
@@ -353,16 +396,20 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
         distributed.print0(
             f"epoch {epoch}: loss {entry['train_loss']:.3f}  val BLEU-4 {val_scores['BLEU-4'] * 100:.1f}  "
             f"CIDEr-D {val_scores['CIDEr-D'] * 100:.1f}{'  (best)' if improved else ''}  "
-            f"{train_seconds:.0f}s train, {entry['val_seconds']:.0f}s val")
+            + (f"(raw weights {entry['val_raw']['BLEU-4'] * 100:.1f} / {entry['val_raw']['CIDEr-D'] * 100:.1f})  "
+               if average is not None else "")
+            + f"{train_seconds:.0f}s train, {entry['val_seconds']:.0f}s val")
         rng_states = distributed.all_gather_object(_rng_state(device))
         if distributed.is_main():
             info = {**run_info, "epoch": epoch, "val_metrics": val_scores, "val_decode": to_dict(config.val_decode)}
             if improved:
-                save_checkpoint(out_dir / BEST, model, vocab, encoder or {}, info)
+                save_checkpoint(out_dir / BEST, scored, vocab, encoder or {}, info)
             training_state = {"epoch": epoch, "history": history, "best_cider": best_cider, "bad_epochs": bad_epochs,
-                              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
+                              "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                              "ema_updates": average.updates if average is not None else None}
             save_checkpoint(out_dir / LAST, model, vocab, encoder or {}, info,
-                            extra_tensors={**_optimizer_tensors(optimizer), **_rng_tensors(rng_states)},
+                            extra_tensors={**_optimizer_tensors(optimizer), **_rng_tensors(rng_states),
+                                           **(average.tensors() if average is not None else {})},
                             extra_metadata={"training_state": training_state})
             write_text_atomic(out_dir / LOG, "".join(json.dumps(h) + "\n" for h in history))
             _plot_curves(history, out_dir / CURVES)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint, read_raw
-from captioner.config import DecodeConfig, TrainConfig
+from captioner.config import DecodeConfig, ModelConfig, TrainConfig
 from captioner.data.records import CaptionRecord
-from captioner.training import BEST, CURVES, LAST, LOG, learning_rate, train
+from captioner.model import CaptionDecoder
+from captioner.training import BEST, CURVES, LAST, LOG, WeightAverage, learning_rate, train
 
 WORDS = ["dog", "cat", "man", "woman", "runs", "sits", "on", "the", "grass", "beach", "red", "blue"]
 
@@ -23,15 +24,16 @@ def _records(count, split, seed):
     return records, torch.randn(count, 16, generator=generator)
 
 
-def _config(epochs=3):
+def _config(epochs=3, ema_decay=0.0):
     return TrainConfig(epochs=epochs, batch_size=8, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10,
-                       seed=7, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
+                       seed=7, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8),
+                       ema_decay=ema_decay)
 
 
 MODEL = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.2}
 
 
-def _run(out_dir, epochs=3, resume=False, stop_after=None):
+def _run(out_dir, epochs=3, resume=False, stop_after=None, ema_decay=0.0):
     train_records, train_features = _records(24, "train", 0)
     val_records, val_features = _records(6, "val", 1)
 
@@ -39,7 +41,7 @@ def _run(out_dir, epochs=3, resume=False, stop_after=None):
         if stop_after is not None and entry["epoch"] == stop_after:
             raise KeyboardInterrupt
 
-    return train(train_records, train_features, val_records, val_features, out_dir, MODEL, _config(epochs),
+    return train(train_records, train_features, val_records, val_features, out_dir, MODEL, _config(epochs, ema_decay),
                  encoder={"encoder": "test"}, resume=resume, progress=False, on_epoch_end=stop)
 
 
@@ -76,6 +78,44 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         _run(tmp_path, stop_after=1)
     with pytest.raises(ValueError, match="other settings"):
         _run(tmp_path, epochs=5, resume=True)
+
+
+def test_weight_average_follows_the_formula():
+    model = CaptionDecoder(ModelConfig(vocab_size=9, feature_dim=4, embed_dim=4, hidden_dim=5, image_dim=4))
+    average = WeightAverage(model, decay=0.9)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for update in range(1, 30):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        average.update(model)
+        decay = min(0.9, (1 + update) / (10 + update))
+        expected = {k: decay * expected[k] + (1 - decay) * v for k, v in model.state_dict().items()}
+    for key, value in average.model.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-5), key
+        assert not torch.allclose(value, model.state_dict()[key])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightAverage(model, decay=1.0)
+
+
+def test_weight_average_is_validated_saved_and_resumed(tmp_path):
+    _run(tmp_path / "straight", ema_decay=0.9)
+    log = [json.loads(line) for line in (tmp_path / "straight" / LOG).read_text().splitlines()]
+    assert all({"val", "val_raw"} <= entry.keys() for entry in log)
+    last, _ = read_raw(tmp_path / "straight" / LAST)  # the raw weights, and the average beside them
+    assert any(not torch.equal(last[k], last["ema." + k[6:]]) for k in last if k.startswith("model."))
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "interrupted", stop_after=1, ema_decay=0.9)
+    # epoch 1 is always the best so far: best.safetensors must hold the average, not the raw weights
+    best, _ = read_raw(tmp_path / "interrupted" / BEST)
+    first, _ = read_raw(tmp_path / "interrupted" / LAST)
+    for key in (k for k in best if k.startswith("model.")):
+        assert torch.equal(best[key], first["ema." + key[6:]]), key
+    # resumed: the same raw weights and the same average as the uninterrupted run
+    _run(tmp_path / "interrupted", resume=True, ema_decay=0.9)
+    resumed, _ = read_raw(tmp_path / "interrupted" / LAST)
+    for key in (k for k in last if k.startswith(("model.", "ema."))):
+        assert torch.equal(last[key], resumed[key]), key
 
 
 def test_learning_rate_schedule():
