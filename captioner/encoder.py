@@ -30,7 +30,7 @@ import importlib.metadata
 import importlib.util
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -126,6 +126,12 @@ class Preprocessor:
         else:
             image = _centre_crop(_resize_shorter_side(image, self.resize_size), size)
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W), HWC strides
+
+    @staticmethod
+    def stack(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack `to_pixels` outputs into a uint8 batch (B, 3, H, W) laid out channels-last, as they come,
+        so that a channels-last `normalize` needs no layout change."""
+        return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
 
     def normalize(self, pixels: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         batched = pixels if pixels.dim() == 4 else pixels.unsqueeze(0)

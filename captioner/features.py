@@ -228,7 +228,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> dict
     loaded = [(position, pixels) for position, pixels, _ in samples if pixels is not None]
     return {
         "indices": [position for position, _ in loaded],
-        "pixels": torch.stack([pixels for _, pixels in loaded]) if loaded else None,  # (B, 3, H, W) uint8
+        "pixels": Preprocessor.stack([pixels for _, pixels in loaded]) if loaded else None,  # (B, 3, H, W) uint8
         "failures": [(position, reason) for position, pixels, reason in samples if pixels is None],
     }
 
@@ -652,7 +652,7 @@ def features_for_images(encoder: Encoder, images: Iterable[Image.Image | str | P
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
-            batch = torch.stack(pixels[start:start + batch_size]).to(encoder.device)
+            batch = Preprocessor.stack(pixels[start:start + batch_size]).to(encoder.device)
             images_in = preprocessor.normalize(batch, channels_last=channels_last)
             outputs.append(encode_images(encoder, images_in))
     return torch.cat(outputs)

@@ -96,12 +96,17 @@ def _decode(file: BinaryIO, name: str, max_pixels: int, draft_size: int | None, 
             raise ImageLoadError(name, f"not an image: {_describe_non_image(head)}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise ImageLoadError(name, f"corrupt image header ({error})") from None
-    with image:
+    try:
         _check_pixels(image, name, max_pixels)
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        image = _loaded(image, name, max_pixels)
-        return _to_upright_rgb(image, name)
+        upright = _to_upright_rgb(_loaded(image, name, max_pixels), name, copy=False)
+    except BaseException:
+        image.close()
+        raise
+    if upright is not image:
+        image.close()
+    return upright  # an RGB JPEG comes back as decoded: no copy (the caller's file is closed by the caller)
 
 
 def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
@@ -131,7 +136,8 @@ def _loaded(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_upright_rgb(image: Image.Image, name: str) -> Image.Image:
+def _to_upright_rgb(image: Image.Image, name: str, copy: bool = True) -> Image.Image:
+    """`image` upright and in RGB; copy=False allows returning `image` itself when nothing changes."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # unreadable EXIF: keep the pixels as stored
@@ -139,17 +145,19 @@ def _to_upright_rgb(image: Image.Image, name: str) -> Image.Image:
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         image = ImageOps.exif_transpose(image)
     try:
-        return _to_rgb(image)
+        return _to_rgb(image, copy=copy)
     except (ValueError, OSError) as error:
         raise ImageLoadError(name, f"cannot convert mode {image.mode!r} to RGB ({error})") from None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, copy: bool = True) -> Image.Image:
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_depth_to_rgb(image)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
+        if mode == "RGB" and not copy:
+            return image
         return image.convert("RGB")  # also a copy when already RGB: callers never share our image
     rgba = image.convert("RGBA")  # applies a palette or tRNS transparency entry as alpha
     if rgba.getextrema()[3][0] == 255:  # fully opaque: nothing to composite

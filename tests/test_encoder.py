@@ -7,6 +7,7 @@ import urllib.error
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from captioner.encoder import (
     LITE0_STAGE_DEPTHS,
     LITE2_STAGE_DEPTHS,
     EncoderUnavailableError,
+    Preprocessor,
     convert_lite0_state_dict,
     convert_lite_state_dict,
     get_encoder,
@@ -115,6 +117,20 @@ def test_lite2_encoder_preprocessing_and_features() -> None:
     assert pixels.shape == (3, 260, 260)
     features = lite2(pixels[None])
     assert features.shape == (1, 1280) and torch.isfinite(features).all()
+
+
+def test_stacked_pixels_are_channels_last_and_normalise_to_the_same_values() -> None:
+    preprocessor = Preprocessor(get_encoder_spec("efficientnet_lite0"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)) for i in range(3)]
+    pixels = [preprocessor.to_pixels(image) for image in images]
+    stacked = Preprocessor.stack(pixels)
+    assert stacked.shape == (3, 3, 224, 224) and stacked.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(stacked, torch.stack(pixels))
+    for channels_last in (True, False):
+        normalised = preprocessor.normalize(stacked, channels_last=channels_last)
+        assert torch.equal(normalised, preprocessor.normalize(torch.stack(pixels).contiguous(), channels_last))
+        assert normalised.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_strict_load_lists_missing_and_unexpected_keys() -> None:

@@ -55,6 +55,21 @@ def test_rgb_jpeg_path_str_bytes_and_pil(tmp_path: Path) -> None:
         assert close_to(pixel(image, (15, 10)), RED)
 
 
+def test_decoded_file_is_returned_usable_after_its_file_is_closed(tmp_path: Path) -> None:
+    # an RGB JPEG from a path or bytes comes back as decoded (no copy): it must not be a closed image
+    path = tmp_path / "noise.jpg"
+    noise((64, 48)).save(path, quality=95)
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    for source in (path, path.read_bytes()):
+        image = load_image(source)
+        assert np.array_equal(np.asarray(image), expected)
+        assert image.resize((16, 16), Image.BILINEAR).size == (16, 16)
+    # a PIL image given by the caller is copied, never handed back
+    given = Image.open(path)
+    given.load()
+    assert load_image(given) is not given
+
+
 def test_grayscale_and_bilevel(tmp_path: Path) -> None:
     Image.new("L", (8, 8), 77).save(tmp_path / "grey.png")
     Image.new("1", (8, 8), 1).save(tmp_path / "bilevel.png")
