@@ -51,7 +51,9 @@ class Captioner:
         device_ = resolve_device(device)
         checkpoint = load_checkpoint(path, device=device_)
         encoder_name = checkpoint.encoder.get("encoder", "efficientnet_lite0")
-        encoder = get_encoder(encoder_name, weights=encoder_weights)
+        # a checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash
+        encoder = get_encoder(encoder_name, weights=encoder_weights if encoder_weights is not None
+                              else checkpoint.encoder_state)
         expected_hash = checkpoint.encoder.get("weights_hash")
         if expected_hash and encoder.weights_hash != expected_hash:
             raise ValueError(f"{checkpoint.path}: trained on {encoder_name} weights {expected_hash}, but the "

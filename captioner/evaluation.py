@@ -14,6 +14,7 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,11 @@ def coco_result_id(record: CaptionRecord) -> int | str:
 
 
 def image_features(records: list[CaptionRecord], encoder_name: str, features_dir: str | Path | None,
-                   batch_size: int, device: torch.device, weights_hash: str | None = None) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+                   batch_size: int, device: torch.device, weights_hash: str | None = None,
+                   weights: Mapping[str, torch.Tensor] | None = None) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
     """Features for the records: from a cache when given (it must match the checkpoint's encoder),
-    else by running the CNN. Returns the records that have features, the features, and problems."""
+    else by running the CNN (with `weights`, a checkpoint's own CNN weights, when given). Returns the
+    records that have features, the features, and problems."""
     from captioner.features import FeatureCache, compute_features
 
     if features_dir is not None:
@@ -72,7 +75,10 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
         return kept, cache.get_batch([r.image_id for r in kept]), problems
     from captioner.encoder import get_encoder
 
-    encoder = get_encoder(encoder_name)
+    encoder = get_encoder(encoder_name, weights=weights)
+    if weights_hash and encoder.weights_hash != weights_hash:
+        raise ValueError(f"the checkpoint was trained on {encoder_name} weights {weights_hash}, but the loaded "
+                         f"weights hash to {encoder.weights_hash}; the captions would be wrong")
     features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,
                                           device=device)
     failed = {index for index, _ in failures}
@@ -82,9 +88,11 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
 
 
 def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any], features_dirs: list[str | Path],
-                            batch_size: int, device: torch.device
+                            batch_size: int, device: torch.device,
+                            encoder_state: Mapping[str, torch.Tensor] | None = None,
                             ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
-    """image_features() for one checkpoint, from the first of `features_dirs` made by its encoder."""
+    """image_features() for one checkpoint, from the first of `features_dirs` made by its encoder (its
+    `encoder` entry; `encoder_state`: its own CNN weights, when it carries them)."""
     name = encoder.get("encoder", "efficientnet_lite0")
     if len(features_dirs) > 1:
         from captioner.features import FeatureCache
@@ -94,7 +102,7 @@ def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any
             raise ValueError(f"none of the feature caches {', '.join(map(str, features_dirs))} was made by {name!r}")
         features_dirs = matching
     return image_features(records, name, features_dirs[0] if features_dirs else None, batch_size, device,
-                          encoder.get("weights_hash"))
+                          encoder.get("weights_hash"), encoder_state)
 
 
 def join_member_features(records: list[CaptionRecord],
@@ -133,7 +141,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         raise ValueError(f"the dataset has no {split!r} images")
     started = time.perf_counter()
     records, features, problems = join_member_features(records, [
-        features_for_checkpoint(records, member.encoder, features_dirs, batch_size, device_) for member in checkpoints])
+        features_for_checkpoint(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state)
+        for member in checkpoints])
     for problem in problems:
         print(f"warning: skipped {problem}")
     feature_seconds = time.perf_counter() - started

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     score("image-blind LM (beam 3)", split, [c[0].text for c in blind])
 
     for number, checkpoint in enumerate(checkpoints, 1):
-        records, features, problems = features_for_checkpoint(split, checkpoint.encoder, args.features, 64, device)
+        records, features, problems = features_for_checkpoint(split, checkpoint.encoder, args.features, 64, device,
+                                                                checkpoint.encoder_state)
         if problems:
             print(f"warning: {len(problems)} {args.split} images have no feature, e.g. {problems[0]}", file=sys.stderr)
         label = Path(checkpoint.path).parent.name + "/" + Path(checkpoint.path).stem
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.ensemble and len(checkpoints) > 1:
         from captioner.ensemble import EnsembleDecoder
 
-        records, features, _ = join_member_features(split, [features_for_checkpoint(split, c.encoder, args.features, 64, device)
+        records, features, _ = join_member_features(split, [features_for_checkpoint(split, c.encoder, args.features, 64, device, c.encoder_state)
                                                        for c in checkpoints])
         ensemble = EnsembleDecoder([c.model for c in checkpoints]).eval()
         captions = decode_features(ensemble, first.vocab, features, beam3)

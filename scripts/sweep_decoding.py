@@ -40,7 +40,8 @@ def main() -> None:
     records = load_dataset(args.data).split(args.split)
     device = torch.device("cpu")
     records, features, _ = join_member_features(records, [
-        features_for_checkpoint(records, c.encoder, args.features, 64, device) for c in checkpoints])
+        features_for_checkpoint(records, c.encoder, args.features, 64, device, c.encoder_state)
+        for c in checkpoints])
     references = {r.image_id: r.captions for r in records}
     print(f"{len(checkpoints)} checkpoint(s) on {args.split} ({len(records)} images)")
     print(f"{'beam':>5}{'len.pen':>9}{'no-rep':>8}{'BLEU-4':>9}{'CIDEr-D':>9}{'ROUGE-L':>9}{'words':>7}{'s':>6}")

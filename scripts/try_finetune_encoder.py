@@ -10,7 +10,8 @@ images go through the current CNN and are captioned with beam 3, length penalty 
 decoding; val BLEU-4 and CIDEr-D are printed and logged to OUT/log.jsonl. The best epoch is saved as
 OUT/best.safetensors, the final one as OUT/last.safetensors: the decoder as `model.*` and the fine-tuned
 CNN as `encoder.*` (both float16; the encoder entry's weights_hash is that of the saved CNN numbers),
-plain safetensors. This is an experiment: the rest of captioner does not load `encoder.*` tensors yet.
+plain safetensors, which `Captioner.from_pretrained`, `captioner caption` and `captioner evaluate` load with
+their CNN. Feature caches of the packaged weights do not fit such a checkpoint (its hash differs).
 """
 
 from __future__ import annotations
@@ -150,12 +151,12 @@ def main() -> None:
         print(f"epoch {epoch}: loss {loss_sum / token_sum:.3f}  val BLEU-4 {scores['BLEU-4'] * 100:.1f}  "
               f"CIDEr-D {scores['CIDEr-D'] * 100:.1f}{'  (best)' if improved else ''}  {train_seconds:.0f}s train",
               flush=True)
-        state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        # saved in float16; the hash is that of those numbers as they load back (float32)
+        state = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         encoder_entry = {**checkpoint.encoder, "weights_hash": state_dict_hash(state), "fine_tuned_from": start_hash}
         info = {**checkpoint.info, "fine_tune": vars(args), "val_metrics": scores, "epoch": epoch}
         for name in ["last.safetensors"] + (["best.safetensors"] if improved else []):
-            save_checkpoint(out / name, decoder, vocab, encoder_entry, info, dtype=torch.float16,
-                            extra_tensors={f"encoder.{k}": v for k, v in state.items()})
+            save_checkpoint(out / name, decoder, vocab, encoder_entry, info, dtype=torch.float16, encoder_state=state)
         if improved:
             best = scores
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
