@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioner.config import DecodeConfig, ModelConfig, TrainConfig
+from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, TrainConfig
 
 DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"
 
@@ -186,6 +186,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from captioner.finetune import finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dataset = load_data(args)
+    config = FinetuneConfig(epochs=args.epochs, batch_images=args.batch_images, encoder_lr=args.encoder_lr,
+                            decoder_lr=args.decoder_lr, warmup_steps=args.warmup_steps,
+                            label_smoothing=args.label_smoothing, flip=not args.no_flip, seed=args.seed,
+                            val_max_images=args.val_images, train_max_images=args.train_images,
+                            val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
+    best = finetune(args.checkpoint, dataset.split("train"), dataset.split("val"), args.out, config,
+                    resume=args.resume)
+    print(f"best checkpoint: {best}" if best.exists() else f"no better checkpoint than {args.checkpoint}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
@@ -289,6 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     scst.add_argument("--scst-dropout", type=float, default=None,
                       help="dropout rate while sampling (default: the XE model's own)")
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("finetune", help="fine-tune the CNN together with a trained decoder, on images")
+    p.add_argument("checkpoint", help="the trained checkpoint to start from")
+    add_data_arguments(p)
+    f_defaults = FinetuneConfig()
+    p.add_argument("--out", required=True, help="run folder (best/last checkpoints, log)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--epochs", type=int, default=f_defaults.epochs)
+    p.add_argument("--batch-images", type=int, default=f_defaults.batch_images,
+                   help="images per step, each with all its captions")
+    p.add_argument("--encoder-lr", type=float, default=f_defaults.encoder_lr)
+    p.add_argument("--decoder-lr", type=float, default=f_defaults.decoder_lr)
+    p.add_argument("--warmup-steps", type=int, default=f_defaults.warmup_steps)
+    p.add_argument("--label-smoothing", type=float, default=f_defaults.label_smoothing)
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips of training images")
+    p.add_argument("--seed", type=int, default=f_defaults.seed)
+    p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
+    p.add_argument("--train-images", type=int, default=None, help="train on the first N images (smoke runs)")
+    p.add_argument("--val-beam-size", type=int, default=f_defaults.val_decode.beam_size)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_finetune)
 
     p = commands.add_parser("demo", help="start the Gradio web demo")
     p.add_argument("--checkpoint", default=None)

@@ -78,6 +78,26 @@ class TrainConfig:
     num_workers: int = 0
 
 
+@dataclass
+class FinetuneConfig:
+    """Settings of `captioner finetune` (captioner.finetune): the CNN trained together with the decoder."""
+
+    epochs: int = 2
+    batch_images: int = 16  # images per step, each with all its captions
+    encoder_lr: float = 1e-4
+    decoder_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 1e-2
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.1
+    flip: bool = True
+    max_caption_length: int = 30
+    seed: int = 0
+    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_max_images: int | None = None
+    train_max_images: int | None = None  # smoke runs only
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 

@@ -24,7 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--data", default=os.environ.get("CAPTIONER_FLICKR8K", "../shared/data/flickr8k"))
-    parser.add_argument("--features", nargs="+", required=True)
+    parser.add_argument("--features", nargs="*", default=[],
+                        help="feature caches (one per encoder); none: run each checkpoint's CNN on the images")
     parser.add_argument("--split", default="val", choices=["val", "test"])
     parser.add_argument("--beam-sizes", default="1,2,3,5,7")
     parser.add_argument("--length-penalties", default="0,0.5,1")

@@ -1,0 +1,78 @@
+"""captioner finetune: the CNN and the decoder train together on images; the result loads with its own
+CNN everywhere, and an interrupted run resumed ends with the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from captioner.api import Captioner
+from captioner.checkpoint import read_raw
+from captioner.cli import main
+from captioner.config import DecodeConfig, FinetuneConfig
+from captioner.data import load_dataset
+from captioner.encoder import get_encoder
+from captioner.features import features_for_images
+from captioner.finetune import finetune
+from captioner.images import load_image
+from captioner.training import LAST, LOG
+
+CONFIG = FinetuneConfig(epochs=2, batch_images=4, encoder_lr=1e-3, warmup_steps=1, train_max_images=8,
+                        val_max_images=4, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
+
+
+def _run(tiny_run, out, resume=False, stop_after=None):
+    dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
+
+    def stop(entry):
+        if entry["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    return finetune(tiny_run["checkpoint"], dataset.split("train"), dataset.split("val"), out, CONFIG,
+                    resume=resume, progress=False, on_epoch_end=stop)
+
+
+def test_the_command_trains_the_cnn_and_the_result_loads_with_it(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    assert main(["finetune", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
+                 "--images", str(tiny_run["images"]), "--out", str(out), "--epochs", "1", "--train-images", "8",
+                 "--val-images", "4", "--batch-images", "4", "--encoder-lr", "1e-3", "--warmup-steps", "1"]) == 0
+    log = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1] and log[1]["train_loss"] > 0
+    _, metadata = read_raw(out / LAST)
+    encoder = json.loads(metadata["encoder"])
+    packaged = get_encoder("efficientnet_lite0")
+    assert encoder["fine_tuned_from"] == packaged.weights_hash != encoder["weights_hash"]
+    captioner = Captioner.from_pretrained(out / LAST, device="cpu")  # the hash check passes
+    assert captioner.encoder.weights_hash == encoder["weights_hash"]
+    dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
+    image = load_image(dataset.split("train")[0].image_path)
+    assert not torch.allclose(features_for_images(captioner.encoder, [image]),
+                              features_for_images(packaged, [image]), atol=1e-3)
+    assert captioner.caption(image)[0].caption
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_run, tmp_path):
+    _run(tiny_run, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_run, tmp_path / "interrupted", stop_after=1)
+    _run(tiny_run, tmp_path / "interrupted", resume=True)
+    straight, _ = read_raw(tmp_path / "straight" / LAST)
+    resumed, _ = read_raw(tmp_path / "interrupted" / LAST)
+    weights = [k for k in straight if k.startswith(("model.", "encoder."))]
+    assert any(k.startswith("encoder.") for k in weights)
+    for key in weights:
+        assert torch.equal(straight[key], resumed[key]), key
+    log = (tmp_path / "interrupted" / LOG).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+
+
+def test_resume_with_other_settings_is_refused(tiny_run, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_run, tmp_path, stop_after=1)
+    dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
+    with pytest.raises(ValueError, match="other settings"):
+        finetune(tiny_run["checkpoint"], dataset.split("train"), dataset.split("val"), tmp_path,
+                 FinetuneConfig(epochs=3, train_max_images=8, val_max_images=4), resume=True, progress=False)
