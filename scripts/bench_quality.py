@@ -14,7 +14,8 @@ coco-caption) with these rows:
                       BLEU came from other tokenisation and code, and they report no CIDEr-D or ROUGE-L.
 
 Nothing is trained. Features come from caches made by `captioner features` (each checkpoint reads the
-cache its encoder made; the nearest-neighbour row uses the first cache). `--split val` scores val instead
+cache its encoder made; the nearest-neighbour row uses the first cache); a checkpoint that carries its own
+fine-tuned CNN runs it on the images instead. `--split val` scores val instead
 (choose settings there; score test once).
 """
 
@@ -105,9 +106,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     blind = decode_features(first.model, first.vocab, torch.zeros(len(split), first.model.config.feature_dim), beam3)
     score("image-blind LM (beam 3)", split, [c[0].text for c in blind])
 
+    def member_features(checkpoint):
+        # a checkpoint with its own (fine-tuned) CNN runs it on the images: no cache holds its features
+        caches = [] if checkpoint.encoder_state is not None else args.features
+        return features_for_checkpoint(split, checkpoint.encoder, caches, 64, device, checkpoint.encoder_state)
+
     for number, checkpoint in enumerate(checkpoints, 1):
-        records, features, problems = features_for_checkpoint(split, checkpoint.encoder, args.features, 64, device,
-                                                                checkpoint.encoder_state)
+        records, features, problems = member_features(checkpoint)
         if problems:
             print(f"warning: {len(problems)} {args.split} images have no feature, e.g. {problems[0]}", file=sys.stderr)
         label = Path(checkpoint.path).parent.name + "/" + Path(checkpoint.path).stem
@@ -123,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.ensemble and len(checkpoints) > 1:
         from captioner.ensemble import EnsembleDecoder
 
-        records, features, _ = join_member_features(split, [features_for_checkpoint(split, c.encoder, args.features, 64, device, c.encoder_state)
-                                                       for c in checkpoints])
+        records, features, _ = join_member_features(split, [member_features(c) for c in checkpoints])
         ensemble = EnsembleDecoder([c.model for c in checkpoints]).eval()
         captions = decode_features(ensemble, first.vocab, features, beam3)
         score(f"ensemble of {len(checkpoints)} (beam 3)", records, [c[0].text for c in captions])

@@ -4,9 +4,12 @@
 #   2. train the decoder with cross-entropy on the train split, keeping the best epoch by val CIDEr-D,
 #   3. with SCST_EPOCHS > 0, fine-tune that model with self-critical training (reward CIDEr-D), again
 #      keeping the best epoch by val CIDEr-D (epoch 0, the starting model, competes too),
-#   4. copy the best checkpoint (fp16 weights) into checkpoints/flickr8k-<encoder>/.
+#   4. with FINETUNE_EPOCHS > 0 (default 2), fine-tune the CNN together with that decoder on the images
+#      (`captioner finetune`), kept only if an epoch beats the starting model on val CIDEr-D,
+#   5. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/.
 # Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR] [extra `captioner train` arguments...]
-# Environment: ENCODER (efficientnet_lite0), FEATURES (cache folder), SCST_EPOCHS (0), SCST_ARGS, OUT_CHECKPOINT.
+# Environment: ENCODER (efficientnet_lite0), FEATURES (cache folder), SCST_EPOCHS (0), SCST_ARGS,
+# FINETUNE_EPOCHS (2), FINETUNE_ARGS, OUT_CHECKPOINT.
 # Every stage resumes where it stopped when the script is run again.
 set -euo pipefail
 data=${1:-../shared/data/flickr8k}
@@ -24,5 +27,11 @@ if [ "${SCST_EPOCHS:-0}" -gt 0 ]; then
   captioner train --scst --init-from "$best" --data "$data" --features "$features" --out "$run-scst" --resume \
       --epochs "$SCST_EPOCHS" ${SCST_ARGS:-}
   best="$run-scst/best.safetensors"
+fi
+if [ "${FINETUNE_EPOCHS:-2}" -gt 0 ]; then
+  # shellcheck disable=SC2086  # FINETUNE_ARGS is a list of flags
+  captioner finetune "$best" --data "$data" --out "$run-finetune" --resume --epochs "${FINETUNE_EPOCHS:-2}" \
+      ${FINETUNE_ARGS:-}
+  if [ -f "$run-finetune/best.safetensors" ]; then best="$run-finetune/best.safetensors"; fi
 fi
 python scripts/export_checkpoint.py "$best" "$out_checkpoint"

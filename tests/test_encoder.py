@@ -166,15 +166,18 @@ def test_batchnorm_folding_keeps_features_and_hash(lite0) -> None:
     assert torch.allclose(lite0.classify(images), unfused.classify(images), atol=1e-3)
 
 
-def test_lite0_weights_hash_is_the_shipped_checkpoints(lite0) -> None:
+def test_lite0_weights_hash_is_the_one_the_shipped_checkpoint_started_from(lite0) -> None:
     """The hash that ties feature caches and checkpoints to their CNN weights did not move when the encoder
-    left timm for captioner.efficientnet_lite."""
+    left timm for captioner.efficientnet_lite; the shipped model's CNN was fine-tuned from those weights and
+    travels in the checkpoint, with the hash it loads with."""
     from conftest import REPO_ROOT
 
     from captioner.checkpoint import load_checkpoint
 
     shipped = load_checkpoint(REPO_ROOT / "checkpoints" / "flickr8k-lite0" / "model.safetensors")
-    assert shipped.encoder["weights_hash"] == lite0.weights_hash == "93ab6dc5861655b0"
+    assert shipped.encoder["fine_tuned_from"] == lite0.weights_hash == "93ab6dc5861655b0"
+    own = get_encoder("efficientnet_lite0", weights=shipped.encoder_state)
+    assert own.weights_hash == shipped.encoder["weights_hash"] != lite0.weights_hash
 
 
 def test_weights_hash_follows_the_numbers(tmp_path: Path) -> None:
