@@ -42,7 +42,7 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
                         encoder_weights: str | Path | None = None) -> Captioner:
         """Load a checkpoint (default: the shipped Flickr8k model) and the CNN its encoder entry names."""
-        from captioner.encoder import get_encoder
+        from captioner.encoder import check_weights_hash, get_encoder
 
         if path is None:
             from captioner.cli import default_checkpoint
@@ -54,10 +54,7 @@ class Captioner:
         # a checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash
         encoder = get_encoder(encoder_name, weights=encoder_weights if encoder_weights is not None
                               else checkpoint.encoder_state)
-        expected_hash = checkpoint.encoder.get("weights_hash")
-        if expected_hash and encoder.weights_hash != expected_hash:
-            raise ValueError(f"{checkpoint.path}: trained on {encoder_name} weights {expected_hash}, but the "
-                             f"loaded weights hash to {encoder.weights_hash}; the captions would be wrong")
+        check_weights_hash(encoder, checkpoint.encoder.get("weights_hash"), str(checkpoint.path))
         encoder.to(device_)
         return cls(checkpoint, encoder, device_)
 

@@ -260,6 +260,13 @@ def get_encoder(name: str = DEFAULT_ENCODER, weights: Weights = None,
     return Encoder(spec, model, digest, source)
 
 
+def check_weights_hash(encoder: Encoder, expected: str | None, owner: str) -> None:
+    """Refuse an encoder whose weights are not the ones `owner` (a checkpoint) was trained on (by hash)."""
+    if expected and encoder.weights_hash != expected:
+        raise ValueError(f"{owner}: trained on {encoder.name} weights {expected}, but the loaded weights hash to "
+                         f"{encoder.weights_hash}; the captions would be wrong")
+
+
 def fuse_batchnorm_into_conv(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d into the Conv2d registered just before it in the same parent.
 

@@ -73,12 +73,10 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
                                            else f"not in the feature cache {features_dir}")
                     for r in records if r.image_id not in cache]
         return kept, cache.get_batch([r.image_id for r in kept]), problems
-    from captioner.encoder import get_encoder
+    from captioner.encoder import check_weights_hash, get_encoder
 
     encoder = get_encoder(encoder_name, weights=weights)
-    if weights_hash and encoder.weights_hash != weights_hash:
-        raise ValueError(f"the checkpoint was trained on {encoder_name} weights {weights_hash}, but the loaded "
-                         f"weights hash to {encoder.weights_hash}; the captions would be wrong")
+    check_weights_hash(encoder, weights_hash, "the checkpoint")
     features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,
                                           device=device)
     failed = {index for index, _ in failures}

@@ -26,22 +26,23 @@ from torch import Tensor
 from captioner.checkpoint import CheckpointError, load_checkpoint, read_raw, save_checkpoint
 from captioner.config import FinetuneConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.encoder import DEFAULT_ENCODER, Encoder, get_encoder_spec, state_dict_hash
+from captioner.encoder import DEFAULT_ENCODER, Encoder, check_weights_hash, get_encoder_spec, state_dict_hash
 from captioner.features import image_loader
-from captioner.inference import decode_features
-from captioner.metrics import compute_scores
 from captioner.training import (
     BEST,
     LAST,
     LOG,
+    CaptionTensors,
     _optimizer_tensors,
     _restore_optimizer,
     encode_split,
+    validate,
 )
 from captioner.utils import progress_bar, write_text_atomic
 
 
 def _val_scores(cnn: Encoder, decoder, vocab, records: list[CaptionRecord], config: FinetuneConfig) -> dict[str, float]:
+    """The val images through the current CNN, then decoded and scored as `captioner train` does."""
     cnn.model.eval()
     rows = []
     with torch.inference_mode():
@@ -50,10 +51,7 @@ def _val_scores(cnn: Encoder, decoder, vocab, records: list[CaptionRecord], conf
                 failed = ", ".join(f"{records[i].image_path} ({reason})" for i, reason in batch.failures)
                 raise ValueError(f"val images failed to load: {failed}")
             rows.append(cnn.model(batch.images))
-    captions = decode_features(decoder, vocab, torch.cat(rows), config.val_decode)
-    scores = compute_scores({r.image_id: r.captions for r in records},
-                            {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)})
-    return {"BLEU-4": scores["BLEU-4"], "CIDEr-D": scores["CIDEr-D"]}
+    return validate(decoder, vocab, records, torch.cat(rows), config)
 
 
 def _learning_rate(base: float, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -74,11 +72,9 @@ def finetune(init_checkpoint: str | Path, train_records: list[CaptionRecord], va
     spec = get_encoder_spec(checkpoint.encoder.get("encoder", DEFAULT_ENCODER))
     model = spec.build(checkpoint.encoder_state)  # BatchNorm not folded: it is trained through
     start_hash = state_dict_hash(model.state_dict())
-    if checkpoint.encoder.get("weights_hash") and start_hash != checkpoint.encoder["weights_hash"]:
-        raise CheckpointError(f"{init_checkpoint}: trained on {spec.name} weights {checkpoint.encoder['weights_hash']}, "
-                              f"but the weights found hash to {start_hash}")
     model.requires_grad_(True)
     cnn = Encoder(spec, model, start_hash, "fine-tuned")
+    check_weights_hash(cnn, checkpoint.encoder.get("weights_hash"), str(init_checkpoint))
 
     train_records = train_records[:config.train_max_images]
     val_records = val_records[:config.val_max_images]
@@ -174,17 +170,13 @@ def finetune(init_checkpoint: str | Path, train_records: list[CaptionRecord], va
     return out / BEST
 
 
-def _caption_loss(decoder, features: Tensor, image_rows: list[int], captions_of: list[list[int]], captions,
-                  label_smoothing: float) -> tuple[Tensor, int]:
-    """Mean teacher-forced cross-entropy of all captions of the batch's images; also the token count."""
-    local, chosen = [], []
-    for j, row in enumerate(image_rows):
-        local += [j] * len(captions_of[row])
-        chosen += captions_of[row]
-    chosen_t, local_t = torch.tensor(chosen), torch.tensor(local)
-    lengths = captions.lengths[chosen_t]
-    order = torch.argsort(lengths, descending=True)
-    chosen_t, local_t, lengths = chosen_t[order], local_t[order], lengths[order]
-    logits, targets = decoder(features[local_t], captions.tokens[chosen_t, :int(lengths[0])], lengths)
+def _caption_loss(decoder, features: Tensor, image_rows: list[int], captions_of: list[list[int]],
+                  captions: CaptionTensors, label_smoothing: float) -> tuple[Tensor, int]:
+    """Mean teacher-forced cross-entropy of all captions of the batch's images (features[j] is the image
+    of training row image_rows[j]); also the token count."""
+    position = {row: j for j, row in enumerate(image_rows)}
+    chosen, tokens, lengths = captions.longest_first(torch.tensor([c for row in image_rows for c in captions_of[row]]))
+    images = torch.tensor([position[row] for row in captions.image_rows[chosen].tolist()])
+    logits, targets = decoder(features[images], tokens, lengths)
     loss = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     return loss, len(targets)

@@ -55,13 +55,17 @@ class CaptionTensors:
     tokens: Tensor  # (captions, L) <start> ... <end> <pad>...
     lengths: Tensor  # (captions,) <start> .. <end> inclusive
 
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Features, tokens and lengths of the given captions, sorted longest first."""
+    def longest_first(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The given captions sorted longest first: their indices, tokens (cut to the longest), lengths."""
         lengths = self.lengths[indices]
         order = torch.argsort(lengths, descending=True)
         indices, lengths = indices[order], lengths[order]
-        width = int(lengths[0])
-        return self.features[self.image_rows[indices]], self.tokens[indices, :width], lengths
+        return indices, self.tokens[indices, :int(lengths[0])], lengths
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Features, tokens and lengths of the given captions, sorted longest first."""
+        indices, tokens, lengths = self.longest_first(indices)
+        return self.features[self.image_rows[indices]], tokens, lengths
 
 
 def encode_split(records: list[CaptionRecord], features: Tensor, vocab: Vocabulary,
