@@ -74,7 +74,6 @@ def load_data(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------ commands
 def cmd_features(args: argparse.Namespace) -> int:
     from captioner import distributed
-    from captioner.encoder import get_encoder
     from captioner.features import extract_features
     from captioner.utils import resolve_device
 
@@ -83,11 +82,31 @@ def cmd_features(args: argparse.Namespace) -> int:
         dataset = load_data(args)
         splits = args.splits.split(",")
         records = [r for r in dataset.records if r.split in splits]
-        encoder = get_encoder(args.encoder, weights=args.encoder_weights, allow_random=args.allow_random_weights)
+        encoder = _features_encoder(args)
         cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
                                  num_workers=args.workers, device=device)
         distributed.print0(f"{len(cache)} image features in {args.out}")
     return 1 if cache.meta.get("failed") else 0
+
+
+def _features_encoder(args: argparse.Namespace):
+    """The CNN `captioner features` runs: --encoder/--encoder-weights, or the one a checkpoint was trained with
+    (its own fine-tuned weights when it carries them), checked against the checkpoint's weights hash."""
+    from captioner.encoder import DEFAULT_ENCODER, check_weights_hash, get_encoder
+
+    if not args.from_checkpoint:
+        return get_encoder(args.encoder or DEFAULT_ENCODER, weights=args.encoder_weights,
+                           allow_random=args.allow_random_weights)
+    if args.encoder or args.encoder_weights or args.allow_random_weights:
+        raise ValueError("--from-checkpoint takes the CNN from the checkpoint; leave out --encoder, "
+                         "--encoder-weights and --allow-random-weights")
+    from captioner.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.from_checkpoint)
+    name = checkpoint.encoder.get("encoder", DEFAULT_ENCODER)
+    encoder = get_encoder(name, weights=checkpoint.encoder_state)
+    check_weights_hash(encoder, checkpoint.encoder.get("weights_hash"), str(checkpoint.path))
+    return encoder
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -137,13 +156,14 @@ def _train_scst(args: argparse.Namespace, dataset) -> int:
     defaults = ScstConfig()
     config = ScstConfig(epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr,
                         samples_per_image=args.scst_samples, batch_images=args.scst_batch_images,
-                        baseline=args.scst_baseline, dropout=args.scst_dropout, patience=args.patience,
+                        baseline=args.scst_baseline, candidates=args.scst_candidates, dropout=args.scst_dropout,
+                        patience=args.patience,
                         seed=args.seed,
                         val_max_images=args.val_images,
                         val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
-    splits.pop("encoder")
+    features_encoder = splits.pop("encoder")
     best = train_scst(**splits, out_dir=args.out, init_checkpoint=args.init_from, config=config,
-                      resume=args.resume)
+                      resume=args.resume, features_encoder=features_encoder)
     print(f"best checkpoint: {best}")
     return 0
 
@@ -258,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("features", help="compute and cache CNN features for a dataset")
     add_data_arguments(p)
-    p.add_argument("--encoder", default="efficientnet_lite0")
+    p.add_argument("--encoder", default=None, help="default: efficientnet_lite0")
     p.add_argument("--encoder-weights", default=None, help="a local weights file for the encoder")
+    p.add_argument("--from-checkpoint", default=None, metavar="CKPT",
+                   help="use the CNN this checkpoint was trained with (its own, if fine-tuned) instead of --encoder")
     p.add_argument("--allow-random-weights", action="store_true", help="testing only: untrained CNN")
     p.add_argument("--out", required=True, help="cache folder (resumed if it exists)")
     p.add_argument("--splits", default="train,val,test")
@@ -305,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     scst.add_argument("--scst-batch-images", type=int, default=50, help="images per update")
     scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
                       help="mean reward of the other samples, or the greedy caption's reward")
+    scst.add_argument("--scst-candidates", choices=["sample", "beam"], default="sample",
+                      help="the captions rewarded: sampled, or each image's best beams (beam size "
+                           "--scst-samples, mean baseline)")
     scst.add_argument("--scst-dropout", type=float, default=None,
                       help="dropout rate while sampling (default: the XE model's own)")
     p.set_defaults(func=cmd_train)

@@ -11,6 +11,13 @@ self-critical sequence training"), or, with `baseline="greedy"`, the reward of t
 caption (the original SCST). Either way the baseline does not depend on the sample it is subtracted
 from, so the gradient stays unbiased.
 
+With `candidates="beam"` the K captions of an image are not sampled but are its K best beam-search
+hypotheses (decoded without dropout, as at test time), and their log-probs are recomputed with gradients
+by teacher forcing; the baseline is again the mean reward of the others. This is no longer an unbiased
+policy gradient but a re-ranking one: among the captions beam search would actually choose between,
+it raises the ones the references score higher. It also avoids the rare-word noise that sampling draws
+from a model trained with label smoothing (about one token in ten).
+
 The run folder is laid out like `captioner.training`'s (last.safetensors to resume, best.safetensors
 chosen by val CIDEr-D from real beam decoding, log.jsonl, curves.png). Epoch 0 in the log is the
 initial (XE) model, validated before any update, and it competes for best.safetensors: the run never
@@ -32,11 +39,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioner.checkpoint import CheckpointError, load_checkpoint, read_raw, save_checkpoint
 from captioner.config import DecodeConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.decoding import greedy
+from captioner.decoding import beam_search, greedy
 from captioner.metrics import CiderDReward
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary, tokenize
@@ -65,6 +73,7 @@ class ScstConfig:
     max_length: int = 16  # sampled tokens, <end> included
     grad_clip: float = 5.0  # max global gradient norm
     baseline: Literal["mean", "greedy"] = "mean"
+    candidates: Literal["sample", "beam"] = "sample"  # beam: the K best beams (length penalty of val_decode)
     dropout: float | None = None  # None: keep the XE model's dropout while sampling; else use this rate
     patience: int = 3  # epochs without val CIDEr-D improvement before stopping
     seed: int = 0
@@ -74,6 +83,10 @@ class ScstConfig:
     def __post_init__(self) -> None:
         if self.baseline not in ("mean", "greedy"):
             raise ValueError(f"ScstConfig.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
+        if self.candidates not in ("sample", "beam"):
+            raise ValueError(f"ScstConfig.candidates must be 'sample' or 'beam', got {self.candidates!r}")
+        if self.candidates == "beam" and self.baseline != "mean":
+            raise ValueError("beam candidates are compared with each other: use the mean baseline")
         if self.baseline == "mean" and self.samples_per_image < 2:
             raise ValueError("the mean baseline averages the other samples of an image: samples_per_image "
                              f"must be at least 2, got {self.samples_per_image}")
@@ -185,6 +198,66 @@ def reference_tokens(records: list[CaptionRecord]) -> list[list[list[str]]]:
     return references
 
 
+def beam_candidates(model: CaptionDecoder, image_features: Tensor, vocab: Vocabulary, beams: int,
+                    max_length: int, length_penalty: float) -> tuple[list[list[list[int]]], list[list[bool]]]:
+    """Each image's `beams` best beam-search captions (fewer only for a degenerate vocabulary), decoded in
+    eval mode without gradients: (token lists without <start>/<end>, whether each emitted <end>)."""
+    was_training = model.training
+    model.eval()
+    try:
+        config = DecodeConfig(strategy="beam", beam_size=beams, n_best=beams, max_length=max_length,
+                              length_penalty=length_penalty)
+        hypotheses = beam_search(model, image_features, config, vocab.start_id, vocab.end_id,
+                                 suppress_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id))
+    finally:
+        model.train(was_training)
+    return ([[h.tokens for h in image] for image in hypotheses],
+            [[h.finished for h in image] for image in hypotheses])
+
+
+def caption_log_probs(model: CaptionDecoder, image_features: Tensor, captions: list[list[int]],
+                      finished: list[bool], vocab: Vocabulary) -> Tensor:
+    """Sum of the model's log-probs of each caption's tokens (<end> included when `finished`), by teacher
+    forcing with gradients; image_features has one row per caption. Returns (captions,)."""
+    rows = [[vocab.start_id, *tokens, *([vocab.end_id] if done else [])] for tokens, done in zip(captions, finished, strict=True)]
+    lengths = torch.tensor([len(row) for row in rows])
+    order = lengths.argsort(descending=True, stable=True)
+    padded = torch.full((len(rows), int(lengths.max())), vocab.pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, :len(row)] = torch.tensor(row)
+    device = image_features.device
+    padded, lengths = padded[order].to(device), lengths[order]
+    logits, targets = model(image_features[order.to(device)], padded, lengths)
+    token_log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    # which (sorted) caption each packed token belongs to, packed the same way as the targets
+    owner = torch.arange(len(rows)).unsqueeze(1).expand(-1, padded.size(1) - 1)
+    owner = pack_padded_sequence(owner, lengths - 1, batch_first=True).data.to(device)
+    sums = token_log_probs.new_zeros(len(rows)).index_add(0, owner, token_log_probs)
+    return sums[order.argsort().to(device)]
+
+
+def _beam_scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, features: Tensor,
+                    image_indices: Tensor, config: ScstConfig) -> dict[str, Any]:
+    """Reward the K best beams of each image against the mean of the others; loss with gradients."""
+    captions, finished = beam_candidates(model, features, vocab, config.samples_per_image, config.max_length,
+                                         config.val_decode.length_penalty)
+    score_start = time.perf_counter()
+    counts = [len(image) for image in captions]
+    flat = [tokens for image in captions for tokens in image]
+    flat_finished = [done for image in finished for done in image]
+    owners = [int(index) for index, count in zip(image_indices, counts, strict=True) for _ in range(count)]
+    rewards = torch.from_numpy(scorer.score_images([vocab.decode(tokens) for tokens in flat], owners)).float()
+    score_seconds = time.perf_counter() - score_start
+    advantage = torch.cat([advantages(image.view(1, -1), "mean").view(-1) if image.numel() > 1 else torch.zeros_like(image)
+                           for image in rewards.split(counts)])
+    rows = torch.arange(features.size(0)).repeat_interleave(torch.tensor(counts)).to(features.device)
+    log_probs = caption_log_probs(model, features[rows], flat, flat_finished, vocab)
+    loss = -(advantage.to(log_probs.device) * log_probs).mean()
+    lengths = torch.tensor([len(tokens) + done for tokens, done in zip(flat, flat_finished, strict=True)])
+    return {"loss": loss, "rewards": rewards, "greedy_rewards": None, "lengths": lengths,
+            "score_seconds": score_seconds}
+
+
 def _scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, features: Tensor,
                image_indices: Tensor, config: ScstConfig) -> dict[str, Any]:
     """Sample, reward, and return the loss (with gradients) and batch statistics."""
@@ -212,12 +285,15 @@ def _scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, f
 def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
                val_features: Tensor, out_dir: str | Path, init_checkpoint: str | Path, config: ScstConfig | None = None,
                resume: bool = False, progress: bool = True,
-               on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> Path:
+               on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+               features_encoder: dict[str, Any] | None = None) -> Path:
     """Fine-tune the decoder of `init_checkpoint` with SCST; returns the path of the best checkpoint.
 
     `train_features` / `val_features` hold one row per record, in order, from the same encoder the
-    checkpoint was trained on. `on_epoch_end` is called with each epoch's log entry after the
-    checkpoint is written (used to stop runs in tests).
+    checkpoint was trained on (`features_encoder`, the cache's encoder entry, is checked against the
+    checkpoint's when given). A checkpoint that carries its own CNN passes it on to the checkpoints
+    written here. `on_epoch_end` is called with each epoch's log entry after the checkpoint is written
+    (used to stop runs in tests).
     """
     config = config or ScstConfig()
     out_dir = Path(out_dir)
@@ -231,6 +307,10 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
         raise ValueError(f"{initial.path}: the decoder expects {model.config.feature_dim}-dim image features, "
                          f"but the training features have {train_features.size(1)}; use the feature cache of "
                          "the encoder the checkpoint was trained with")
+    cache_hash, model_hash = (features_encoder or {}).get("weights_hash"), initial.encoder.get("weights_hash")
+    if cache_hash and model_hash and cache_hash != model_hash:
+        raise ValueError(f"{initial.path}: trained on CNN weights {model_hash}, but the feature cache was made with "
+                         f"{cache_hash}; make a cache with `captioner features --from-checkpoint {initial.path}`")
     train_features = train_features.float()
     scorer_start = time.perf_counter()
     scorer = CiderDReward(reference_tokens(train_records))
@@ -276,10 +356,10 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
         info = {**run_info, "epoch": entry["epoch"], "val_metrics": entry["val"],
                 "val_decode": to_dict(config.val_decode)}
         if improved:
-            save_checkpoint(out_dir / BEST, model, vocab, initial.encoder, info)
+            save_checkpoint(out_dir / BEST, model, vocab, initial.encoder, info, encoder_state=initial.encoder_state)
         training_state = {"epoch": entry["epoch"], "history": history, "best_cider": best_cider,
                           "bad_epochs": bad_epochs}
-        save_checkpoint(out_dir / LAST, model, vocab, initial.encoder, info,
+        save_checkpoint(out_dir / LAST, model, vocab, initial.encoder, info, encoder_state=initial.encoder_state,
                         extra_tensors={**_optimizer_tensors(optimizer), "rng.torch": torch.get_rng_state()},
                         extra_metadata={"training_state": training_state})
         write_text_atomic(out_dir / LOG, "".join(json.dumps(h) + "\n" for h in history))
@@ -311,7 +391,8 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
         bar = progress_bar(range(steps_per_epoch), desc=f"scst epoch {epoch}", enabled=progress)
         for step_in_epoch in bar:
             image_indices = order[step_in_epoch * config.batch_images:(step_in_epoch + 1) * config.batch_images]
-            batch = _scst_step(model, vocab, scorer, train_features[image_indices], image_indices, config)
+            step = _beam_scst_step if config.candidates == "beam" else _scst_step
+            batch = step(model, vocab, scorer, train_features[image_indices], image_indices, config)
             optimizer.zero_grad(set_to_none=True)
             batch["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -76,3 +76,20 @@ def test_export_keeps_the_cnn_in_float16_with_the_hash_it_loads_with(own_cnn_che
     assert {v.dtype for k, v in tensors.items() if k.startswith("encoder.")} <= {torch.float16, torch.int64}
     captioner = Captioner.from_pretrained(target, device="cpu")  # the hash check passes
     assert captioner.encoder.weights_hash == load_checkpoint(target).encoder["weights_hash"]
+
+
+def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_run, tmp_path, capsys):
+    from captioner.cli import main
+    from captioner.features import FeatureCache
+
+    path, state, weights_hash = own_cnn_checkpoint
+    data = ["--data", str(tiny_run["data"]), "--images", str(tiny_run["images"]), "--splits", "test"]
+    assert main(["features", *data, "--from-checkpoint", str(path), "--out", str(tmp_path / "own")]) == 0
+    cache = FeatureCache.open(tmp_path / "own")
+    assert cache.meta["weights_hash"] == weights_hash
+    records = load_dataset(tiny_run["data"], images_dir=tiny_run["images"]).split("test")
+    ours = image_features(records, "efficientnet_lite0", None, 16, torch.device("cpu"), weights_hash, state)[1]
+    assert torch.allclose(cache.get_batch([r.image_id for r in records]).float(), ours, atol=2e-2)
+    assert main(["features", *data, "--from-checkpoint", str(path), "--encoder", "efficientnet_lite0",
+                 "--out", str(tmp_path / "both")]) == 2
+    assert "--from-checkpoint takes the CNN" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.data.records import CaptionRecord
+from captioner.decoding import beam_search
 from captioner.metrics import CiderD, CiderDReward
 from captioner.model import CaptionDecoder
 from captioner.scst import (
@@ -24,6 +25,8 @@ from captioner.scst import (
     ScstConfig,
     _draw,
     advantages,
+    beam_candidates,
+    caption_log_probs,
     caption_words,
     mean_reward,
     reference_tokens,
@@ -341,3 +344,77 @@ def test_sampling_dropout_can_be_set_apart_from_the_xe_rate(tmp_path):
     assert json.loads((tmp_path / "run" / LOG).read_text().splitlines()[0])["epoch"] == 0
     with pytest.raises(ValueError, match="dropout"):
         ScstConfig(dropout=1.0)
+
+
+# ------------------------------------------------------------------------------------ beam candidates
+
+def test_beam_candidates_are_the_beams_and_their_log_probs_are_recomputed_with_gradients(tmp_path):
+    checkpoint = load_checkpoint(_pretrained(tmp_path / "init.safetensors", steps=5))
+    model, vocab = checkpoint.model, checkpoint.vocab
+    _, features = _records("train")
+    model.train()  # beam_candidates decodes in eval mode and gives the mode back
+    captions, finished = beam_candidates(model, features, vocab, beams=4, max_length=6, length_penalty=0.5)
+    assert model.training
+    model.eval()
+    expected = beam_search(model, features, DecodeConfig(beam_size=4, n_best=4, max_length=6, length_penalty=0.5),
+                           vocab.start_id, vocab.end_id, suppress_ids=(vocab.pad_id, vocab.start_id, vocab.unk_id))
+    assert captions == [[h.tokens for h in image] for image in expected]
+    flat_finished = [h.finished for image in expected for h in image]
+    assert any(flat_finished) and not all(flat_finished)  # both kinds, as max_length cuts some
+    rows = torch.arange(8).repeat_interleave(torch.tensor([len(image) for image in captions]))
+    log_probs = caption_log_probs(model, features[rows], [t for image in captions for t in image], flat_finished, vocab)
+    assert log_probs.requires_grad
+    assert log_probs.detach().tolist() == pytest.approx([h.log_prob for image in expected for h in image], abs=1e-4)
+
+
+def _beam_config(epochs: int) -> ScstConfig:
+    return ScstConfig(epochs=epochs, batch_images=2, samples_per_image=4, lr=1e-2, max_length=10, patience=10,
+                      seed=3, candidates="beam", val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=10))
+
+
+def test_beam_candidates_training_raises_the_top_beams_reward(tmp_path):
+    init = _pretrained(tmp_path / "init.safetensors")
+    records, features = _records("train")
+    scorer = CiderDReward(reference_tokens(records))
+
+    def top_beam_reward(model, vocab) -> float:
+        captions, _ = beam_candidates(model, features, vocab, beams=4, max_length=10, length_penalty=0.5)
+        words = [vocab.decode(image[0]) for image in captions]
+        return float(scorer.score_images(words, list(range(len(words)))).mean())
+
+    initial = load_checkpoint(init)
+    before = top_beam_reward(initial.model, initial.vocab)
+    val_records, val_features = _records("val")
+    train_scst(records, features, val_records, val_features, tmp_path / "run", init, _beam_config(6), progress=False)
+    final, _ = read_raw(tmp_path / "run" / LAST)
+    model = initial.model
+    model.load_state_dict({k[6:]: v for k, v in final.items() if k.startswith("model.")})
+    after = top_beam_reward(model, initial.vocab)
+    assert after > before + 0.1, (before, after)
+    log = [json.loads(line) for line in (tmp_path / "run" / LOG).read_text().splitlines()]
+    assert [e["epoch"] for e in log] == list(range(7)) and log[1]["mean_sample_length"] > 0
+
+
+def test_beam_candidates_need_the_mean_baseline():
+    with pytest.raises(ValueError, match="mean baseline"):
+        ScstConfig(candidates="beam", baseline="greedy")
+    with pytest.raises(ValueError, match="candidates"):
+        ScstConfig(candidates="top")
+
+
+def test_scst_keeps_the_checkpoints_own_cnn_and_refuses_a_cache_of_another(tmp_path):
+    init = _pretrained(tmp_path / "plain.safetensors")
+    plain = load_checkpoint(init)
+    cnn = {"conv.weight": torch.randn(4, 3, 1, 1), "conv.bias": torch.zeros(4)}
+    own = save_checkpoint(tmp_path / "own.safetensors", plain.model, plain.vocab,
+                          {"encoder": "test", "weights_hash": "abc"}, plain.info, encoder_state=cnn)
+    records, features = _records("train")
+    val_records, val_features = _records("val")
+    with pytest.raises(ValueError, match="captioner features --from-checkpoint"):
+        train_scst(records, features, val_records, val_features, tmp_path / "bad", own, _config(1),
+                   progress=False, features_encoder={"encoder": "test", "weights_hash": "def"})
+    best = train_scst(records, features, val_records, val_features, tmp_path / "run", own, _config(1),
+                      progress=False, features_encoder={"encoder": "test", "weights_hash": "abc"})
+    for path in (best, tmp_path / "run" / LAST):
+        carried = load_checkpoint(path).encoder_state
+        assert carried is not None and all(torch.equal(carried[k], v) for k, v in cnn.items()), path
