@@ -12,6 +12,7 @@ from PIL import Image
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.inference import Caption, decode_features
+from captioner.rerank import ConsensusReranker, RerankConfig
 from captioner.utils import resolve_device
 
 ImageInput = str | Path | bytes | Image.Image
@@ -33,15 +34,21 @@ class CaptionResult:
 class Captioner:
     """A trained decoder with the CNN it was trained on. Load once, caption many images."""
 
-    def __init__(self, checkpoint: Checkpoint, encoder: Any, device: torch.device):
+    def __init__(self, checkpoint: Checkpoint, encoder: Any, device: torch.device,
+                 reranker: ConsensusReranker | None = None):
         self.checkpoint = checkpoint
         self.encoder = encoder
         self.device = device
+        self.reranker = reranker
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
-                        encoder_weights: str | Path | None = None) -> Captioner:
-        """Load a checkpoint (default: the shipped Flickr8k model) and the CNN its encoder entry names."""
+                        encoder_weights: str | Path | None = None, memory: str | Path | None = None,
+                        rerank: RerankConfig | None = None) -> Captioner:
+        """Load a checkpoint (default: the shipped Flickr8k model) and the CNN its encoder entry names.
+
+        memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
+        re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
         from captioner.encoder import check_weights_hash, get_encoder
 
         if path is None:
@@ -56,7 +63,14 @@ class Captioner:
                               else checkpoint.encoder_state)
         check_weights_hash(encoder, checkpoint.encoder.get("weights_hash"), str(checkpoint.path))
         encoder.to(device_)
-        return cls(checkpoint, encoder, device_)
+        reranker = None
+        if memory is not None:
+            from captioner.rerank import CaptionMemory, ConsensusReranker
+
+            caption_memory = CaptionMemory.load(memory)
+            caption_memory.check_encoder(checkpoint.encoder, str(checkpoint.path))
+            reranker = ConsensusReranker(caption_memory, rerank or RerankConfig())
+        return cls(checkpoint, encoder, device_, reranker)
 
     @property
     def vocab(self):
@@ -66,7 +80,9 @@ class Captioner:
         return replace(config or DecodeConfig(), **overrides)
 
     def caption_features(self, features: torch.Tensor, config: DecodeConfig) -> list[list[Caption]]:
-        return decode_features(self.checkpoint.model, self.vocab, features.to(self.device), config)
+        """Captions for CNN features; with a caption memory, beam search is re-ranked (other strategies not)."""
+        reranker = self.reranker if config.strategy == "beam" else None
+        return decode_features(self.checkpoint.model, self.vocab, features.to(self.device), config, reranker=reranker)
 
     def caption(self, images: ImageInput | list[ImageInput], config: DecodeConfig | None = None,
                 batch_size: int = 32, **overrides: Any) -> list[CaptionResult]:

@@ -41,6 +41,32 @@ def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam"
     group.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
+def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> None:
+    from captioner.rerank import RerankConfig
+
+    group = parser.add_argument_group("consensus re-ranking (with a caption memory of training images)")
+    defaults = RerankConfig()
+    group.add_argument("--memory", default=None, help=memory_help)
+    group.add_argument("--rerank-neighbours", type=int, default=defaults.neighbours,
+                       help="nearest memory images whose captions vote")
+    group.add_argument("--rerank-candidates", type=int, default=defaults.candidates,
+                       help="beam size: the candidates re-ranked")
+    group.add_argument("--rerank-weight", type=float, default=defaults.model_weight,
+                       help="weight of the beam score beside the consensus")
+
+
+def rerank_config(args: argparse.Namespace):
+    """The re-ranking settings, or None without --memory (refused with other strategies than beam)."""
+    from captioner.rerank import RerankConfig
+
+    if args.memory is None:
+        return None
+    if args.strategy != "beam":
+        raise ValueError(f"--memory re-ranks beam-search candidates; it does not go with --strategy {args.strategy}")
+    return RerankConfig(neighbours=args.rerank_neighbours, candidates=args.rerank_candidates,
+                        model_weight=args.rerank_weight)
+
+
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
     return DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, n_best=args.n_best,
                         max_length=args.max_length, length_penalty=args.length_penalty,
@@ -175,10 +201,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("evaluate runs in one process; start it without torchrun")
+    rerank = rerank_config(args)
     dataset = load_data(args)
     report = evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
                                  features_dir=args.features, batch_size=args.batch_size, device=args.device,
-                                 coco_eval=args.coco_eval, html=not args.no_html)
+                                 coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
+                                 rerank=rerank)
     return 1 if report["skipped_images"] else 0
 
 
@@ -187,13 +215,21 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioner.batch import caption_paths
     from captioner.utils import resolve_device
 
+    rerank = rerank_config(args)
     with distributed.session(resolve_device(args.device), backend="gloo"):
         if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
+            if rerank is not None:
+                raise ValueError("--memory runs in one process; start it without torchrun")
             return distributed.caption_paths_sharded(
                 args.paths, checkpoint=args.checkpoint or default_checkpoint(), config=decode_config(args),
                 output=args.output, recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
                 num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
-    return caption_paths(args.paths, checkpoint=args.checkpoint or default_checkpoint(),
+    checkpoint = args.checkpoint or default_checkpoint()
+    if rerank is not None:
+        from captioner.api import Captioner
+
+        checkpoint = Captioner.from_pretrained(checkpoint, device=args.device, memory=args.memory, rerank=rerank)
+    return caption_paths(args.paths, checkpoint=checkpoint,
                          config=decode_config(args), output=args.output, recursive=args.recursive,
                          resume=args.resume, batch_size=args.batch_size, num_workers=args.workers,
                          device=args.device, decode_batch_size=args.decode_batch_size)
@@ -201,8 +237,27 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.demo import launch
+    from captioner.rerank import RerankConfig
 
-    launch(args.checkpoint or default_checkpoint(), host=args.host, port=args.port, share=args.share)
+    rerank = RerankConfig(neighbours=args.rerank_neighbours, candidates=args.rerank_candidates,
+                          model_weight=args.rerank_weight)
+    launch(args.checkpoint or default_checkpoint(), host=args.host, port=args.port, share=args.share,
+           memory=args.memory, rerank=rerank)
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from captioner.checkpoint import load_checkpoint
+    from captioner.evaluation import build_memory
+    from captioner.utils import resolve_device
+
+    dataset = load_data(args)
+    checkpoint = load_checkpoint(args.checkpoint or default_checkpoint())
+    memory = build_memory(dataset, args.split, checkpoint, args.features or [], args.batch_size,
+                          resolve_device(args.device))
+    memory.save(args.out)
+    captions = sum(len(texts) for texts in memory.captions)
+    print(f"caption memory of {len(memory)} {args.split} images ({captions} captions) for {checkpoint.path}: {args.out}")
     return 0
 
 
@@ -258,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_decode_arguments(p)
+    add_rerank_arguments(p, "a caption memory (`captioner memory`): re-rank beam candidates by consensus")
     p.set_defaults(func=cmd_caption)
 
     p = commands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
@@ -274,7 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-eval", action="store_true", help="also run pycocoevalcap's COCOEvalCap (needs Java)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
     add_decode_arguments(p)
+    add_rerank_arguments(p, "re-rank beam candidates by consensus with a caption memory: a file made by "
+                            "`captioner memory`, or 'train' to build one from --data's train split")
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("memory", help="build a caption memory (training images' features and captions) "
+                                           "for consensus re-ranking")
+    add_data_arguments(p)
+    p.add_argument("--checkpoint", default=None, help=f"whose CNN makes the features (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--split", default="train", help="the images to remember (never the split you evaluate on)")
+    p.add_argument("--features", default=None, nargs="+", help="feature cache(s) of that CNN, instead of running it")
+    p.add_argument("--out", required=True, help="the memory file (.safetensors); it holds the dataset's captions")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_memory)
 
     p = commands.add_parser("features", help="compute and cache CNN features for a dataset")
     add_data_arguments(p)
@@ -360,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    add_rerank_arguments(p, "a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("info", help="print a checkpoint's settings and scores")

@@ -219,13 +219,14 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool
 
 
 def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, device: str = "auto") -> None:
-    """Load the checkpoint once, then serve the demo until interrupted."""
+           share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None) -> None:
+    """Load the checkpoint once (with a caption memory for consensus re-ranking, when given), then serve
+    the demo until interrupted."""
     import torch
 
     from captioner.api import Captioner
 
     # CONCURRENCY jobs share the cores; more torch threads than cores makes every job crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
-    captioner = Captioner.from_pretrained(checkpoint_path, device=device)
+    captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank)
     serve(build_app(captioner), host=host, port=port, share=share)

@@ -26,6 +26,7 @@ from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
+from captioner.rerank import CaptionMemory, ConsensusReranker, RerankConfig
 from captioner.utils import resolve_device, write_text_atomic
 
 
@@ -118,15 +119,32 @@ def join_member_features(records: list[CaptionRecord],
     return [r for r in records if r.image_id in common], torch.cat(columns, dim=1), problems
 
 
+def build_memory(dataset: Any, split: str, checkpoint: Any, features_dirs: list[str | Path], batch_size: int,
+                 device: torch.device) -> CaptionMemory:
+    """A caption memory of one split's images (features from a matching cache, else the checkpoint's CNN)."""
+    records = dataset.split(split)
+    if not records:
+        raise ValueError(f"the dataset has no {split!r} images to build a caption memory from")
+    records, features, problems = features_for_checkpoint(records, checkpoint.encoder, features_dirs, batch_size,
+                                                          device, checkpoint.encoder_state)
+    for problem in problems:
+        print(f"warning: left out of the memory: {problem}")
+    return CaptionMemory.build(records, features, checkpoint.encoder)
+
+
 def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset: Any, split: str,
                         config: DecodeConfig, out_dir: str | Path | None = None,
                         features_dir: str | Path | list[str | Path] | None = None,
                         batch_size: int = 64, device: str = "auto", coco_eval: bool = False,
-                        html: bool = True, quiet: bool = False) -> dict[str, Any]:
+                        html: bool = True, quiet: bool = False, memory: str | Path | CaptionMemory | None = None,
+                        rerank: RerankConfig | None = None) -> dict[str, Any]:
     """Decode and score one split; print the table; write the report files when `out_dir` is given.
 
     Several checkpoints (a list) are decoded jointly as an ensemble (`captioner.ensemble`); each reads
     its features from the cache in `features_dir` (one or a list) that its encoder made.
+    `memory`: re-rank beam candidates by consensus (`captioner.rerank`) with a caption memory (a file, a
+    `CaptionMemory`, or "train" to build one from the dataset's train split); it must hold none of the
+    scored split's images.
     """
     device_ = resolve_device(device)
     paths = list(checkpoint_path) if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path]
@@ -144,17 +162,31 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     for problem in problems:
         print(f"warning: skipped {problem}")
     feature_seconds = time.perf_counter() - started
+    reranker = None
+    if memory is not None:
+        if len(checkpoints) > 1:
+            raise ValueError("consensus re-ranking works with one checkpoint, not an ensemble")
+        if isinstance(memory, str) and memory == "train":
+            memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_)
+        elif not isinstance(memory, CaptionMemory):
+            memory = CaptionMemory.load(memory)
+        memory.check_encoder(checkpoint.encoder, str(checkpoint.path))
+        memory.check_disjoint([r.image_id for r in records], split)
+        reranker = ConsensusReranker(memory, rerank or RerankConfig())
     decode_start = time.perf_counter()
-    captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250)
+    captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250, reranker=reranker)
     decode_seconds = time.perf_counter() - decode_start
     references = {r.image_id: r.captions for r in records}
     hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
     scores = compute_scores(references, hypotheses)
     corpus = {m: scores[m] for m in METRIC_NAMES}
     label = f"beam {config.beam_size}" if config.strategy == "beam" else config.strategy
+    if reranker is not None:
+        label = f"beam {reranker.config.candidates} + consensus re-ranking"
     report = {
         "split": split, "images": len(records), "skipped_images": problems, "scores": corpus,
         "decoding": asdict(config), "checkpoint": str(checkpoint.path),
+        **({"rerank": {**asdict(reranker.config), "memory_images": len(reranker.memory)}} if reranker else {}),
         "checkpoint_sha256": file_fingerprint(checkpoint.path), "data": getattr(dataset, "source", None),
         "data_fingerprint": dataset.fingerprint(), "encoder": checkpoint.encoder,
         **({"ensemble": [{"checkpoint": str(c.path), "checkpoint_sha256": file_fingerprint(c.path),

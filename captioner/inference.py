@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,6 +13,9 @@ from captioner.decoding import decode
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 
+if TYPE_CHECKING:
+    from captioner.rerank import ConsensusReranker
+
 
 @dataclass
 class Caption:
@@ -19,11 +23,19 @@ class Caption:
     log_prob: float
     score: float
     finished: bool
+    consensus: float | None = None  # set by consensus re-ranking: mean CIDEr-D against the neighbours' captions
 
 
 def decode_features(model: CaptionDecoder, vocab: Vocabulary, features: Tensor, config: DecodeConfig,
-                    batch_size: int = 250, generator: torch.Generator | None = None) -> list[list[Caption]]:
-    """Caption every row of `features` (N, D); returns n-best Captions per row, best first."""
+                    batch_size: int = 250, generator: torch.Generator | None = None,
+                    reranker: ConsensusReranker | None = None) -> list[list[Caption]]:
+    """Caption every row of `features` (N, D); returns n-best Captions per row, best first.
+
+    With a `reranker` (beam search only), the beam writes `reranker.config.candidates` captions per image
+    and they come back in consensus order (`captioner.rerank`), `config.n_best` of them."""
+    if reranker is not None:
+        candidates = decode_features(model, vocab, features, reranker.config.decode_config(config), batch_size)
+        return reranker.rerank(features, candidates, config.n_best)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
