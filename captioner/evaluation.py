@@ -96,10 +96,13 @@ def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any
     if len(features_dirs) > 1:
         from captioner.features import FeatureCache
 
-        matching = [d for d in features_dirs if FeatureCache.open(d).meta.get("encoder") == name]
+        metas = {d: FeatureCache.open(d).meta for d in features_dirs}
+        matching = [d for d in features_dirs if metas[d].get("encoder") == name]
         if not matching:
             raise ValueError(f"none of the feature caches {', '.join(map(str, features_dirs))} was made by {name!r}")
-        features_dirs = matching
+        # prefer the cache of these very weights (a fine-tuned CNN's, beside the packaged one's)
+        same_weights = [d for d in matching if metas[d].get("weights_hash") == encoder.get("weights_hash")]
+        features_dirs = same_weights or matching
     return image_features(records, name, features_dirs[0] if features_dirs else None, batch_size, device,
                           encoder.get("weights_hash"), encoder_state)
 

@@ -10,12 +10,15 @@ coco-caption) with these rows:
                       language prior alone writes, the same sentence for every image;
   <checkpoint>        each checkpoint given, decoded greedy, beam 3 and beam 5;
   ensemble            with --ensemble, all checkpoints decoded jointly (beam 3);
+  + re-ranking        with --rerank, each checkpoint's beam candidates re-ranked by consensus with a caption
+                      memory of the training split (`captioner.rerank`, default settings);
   literature          published Flickr8k test scores (Xu et al. 2015, Table 1), for reference only: their
                       BLEU came from other tokenisation and code, and they report no CIDEr-D or ROUGE-L.
 
 Nothing is trained. Features come from caches made by `captioner features` (each checkpoint reads the
 cache its encoder made; the nearest-neighbour row uses the first cache); a checkpoint that carries its own
-fine-tuned CNN runs it on the images instead. `--split val` scores val instead
+fine-tuned CNN reads a cache of that CNN (`captioner features --from-checkpoint`) when one is given, else
+runs it on the images. `--split val` scores val instead
 (choose settings there; score test once).
 """
 
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--beam-sizes", default="1,3,5", help="1 means greedy")
     parser.add_argument("--ensemble", action="store_true", help="also decode all checkpoints jointly (beam 3)")
+    parser.add_argument("--rerank", action="store_true",
+                        help="also re-rank each checkpoint's beam candidates with a memory of the train split")
     parser.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args(argv)
 
@@ -106,10 +111,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     blind = decode_features(first.model, first.vocab, torch.zeros(len(split), first.model.config.feature_dim), beam3)
     score("image-blind LM (beam 3)", split, [c[0].text for c in blind])
 
+    def caches_for(checkpoint) -> list[str]:
+        if checkpoint.encoder_state is None:
+            return args.features
+        # a checkpoint with its own (fine-tuned) CNN: only a cache of that CNN, else the CNN runs on the images
+        wanted = checkpoint.encoder.get("weights_hash")
+        return [d for d in args.features if FeatureCache.open(d).meta.get("weights_hash") == wanted]
+
     def member_features(checkpoint):
-        # a checkpoint with its own (fine-tuned) CNN runs it on the images: no cache holds its features
-        caches = [] if checkpoint.encoder_state is not None else args.features
-        return features_for_checkpoint(split, checkpoint.encoder, caches, 64, device, checkpoint.encoder_state)
+        return features_for_checkpoint(split, checkpoint.encoder, caches_for(checkpoint), 64, device,
+                                       checkpoint.encoder_state)
 
     for number, checkpoint in enumerate(checkpoints, 1):
         records, features, problems = member_features(checkpoint)
@@ -124,6 +135,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             captions = decode_features(checkpoint.model, checkpoint.vocab, features, config)
             score(f"{label} " + ("greedy" if beam_size == 1 else f"beam {beam_size}"), records,
                   [c[0].text for c in captions])
+        if args.rerank:
+            from captioner.evaluation import build_memory
+            from captioner.rerank import CaptionMemory, ConsensusReranker, RerankConfig
+
+            memory: CaptionMemory = build_memory(dataset, "train", checkpoint, caches_for(checkpoint), 64, device)
+            memory.check_disjoint([r.image_id for r in records], args.split)
+            reranker = ConsensusReranker(memory, RerankConfig())
+            captions = decode_features(checkpoint.model, checkpoint.vocab, features, beam3, reranker=reranker)
+            score(f"{label} beam {reranker.config.candidates} + re-ranking", records, [c[0].text for c in captions])
 
     if args.ensemble and len(checkpoints) > 1:
         from captioner.ensemble import EnsembleDecoder

@@ -90,6 +90,12 @@ def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_
     records = load_dataset(tiny_run["data"], images_dir=tiny_run["images"]).split("test")
     ours = image_features(records, "efficientnet_lite0", None, 16, torch.device("cpu"), weights_hash, state)[1]
     assert torch.allclose(cache.get_batch([r.image_id for r in records]).float(), ours, atol=2e-2)
+    # Given beside the packaged-weights cache, the cache of its own CNN is the one read.
+    dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
+    from_caches = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), quiet=True,
+                                      features_dir=[tiny_run["features"], tmp_path / "own"])
+    from_cnn = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), quiet=True)
+    assert from_caches["scores"] == from_cnn["scores"]
     assert main(["features", *data, "--from-checkpoint", str(path), "--encoder", "efficientnet_lite0",
                  "--out", str(tmp_path / "both")]) == 2
     assert "--from-checkpoint takes the CNN" in capsys.readouterr().err
