@@ -45,8 +45,8 @@ class CaptionMemoryError(ValueError):
 class RerankConfig:
     """How consensus re-ranking chooses (defaults chosen on Flickr8k val, docs/experiments.md)."""
 
-    neighbours: int = 30  # nearest training images whose captions vote
-    candidates: int = 10  # beam size and n-best list re-ranked
+    neighbours: int = 20  # nearest training images whose captions vote
+    candidates: int = 20  # beam size and n-best list re-ranked
     model_weight: float = 0.0  # + this times the candidate's beam score
 
     def __post_init__(self) -> None:

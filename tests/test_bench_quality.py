@@ -42,7 +42,7 @@ def test_bench_quality_prints_every_row(bench, tiny_run, capsys):
     names = list(rows)
     assert names[0] == "nearest neighbour (train)" and names[1] == "image-blind LM (beam 3)"
     assert sum(name.endswith(" greedy") for name in names) == 2 and "ensemble of 2 (beam 3)" in names
-    assert sum(name.endswith("beam 10 + re-ranking") for name in names) == 2
+    assert sum(name.endswith("beam 20 + re-ranking") for name in names) == 2
     assert sum(name.endswith("[paper]") for name in names) == 4
     assert all(0 <= value <= 1000 for scores in rows.values() for value in scores.values())
     printed = capsys.readouterr().out

@@ -138,7 +138,7 @@ def test_evaluate_with_a_memory_reranks_and_refuses_one_of_the_scored_split(tiny
               "--features", str(tiny_run["features"]), "--no-html"]
     assert main([*common, "--memory", str(tiny_memory), "--rerank-candidates", "4", "--out", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert report["rerank"] == {"neighbours": 30, "candidates": 4, "model_weight": 0.0, "memory_images": 60}
+    assert report["rerank"] == {"neighbours": 20, "candidates": 4, "model_weight": 0.0, "memory_images": 60}
     assert "beam 4 + consensus re-ranking" in capsys.readouterr().out
     assert main([*common, "--memory", "train", "--rerank-candidates", "4", "--out", str(tmp_path / "b")]) == 0
     assert (json.loads((tmp_path / "b" / "predictions.json").read_text())
