@@ -145,6 +145,9 @@ class CaptionMemory:
 
     def neighbours(self, features: Tensor, k: int) -> Tensor:
         """Indices (B, k) of the k memory images nearest to each query feature (cosine), nearest first."""
+        if features.dim() != 2 or features.size(1) != self.features.size(1):
+            raise CaptionMemoryError(f"the caption memory holds {self.features.size(1)}-dim features, but the query "
+                                     f"features have shape {tuple(features.shape)}; build the memory with this CNN")
         queries = torch.nn.functional.normalize(features.float().to(self.features.device), dim=1)
         return (queries @ self.features.T).topk(min(k, len(self)), dim=1).indices
 

@@ -6,10 +6,12 @@
 #      keeping the best epoch by val CIDEr-D (epoch 0, the starting model, competes too),
 #   4. with FINETUNE_EPOCHS > 0 (default 2), fine-tune the CNN together with that decoder on the images
 #      (`captioner finetune`), kept only if an epoch beats the starting model on val CIDEr-D,
-#   5. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/.
+#   5. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/,
+#   6. build a caption memory of the training images for consensus re-ranking (`--memory`), beside the run
+#      (it holds the dataset's captions, so it stays out of checkpoints/); MEMORY=0 skips it.
 # Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR] [extra `captioner train` arguments...]
 # Environment: ENCODER (efficientnet_lite0), FEATURES (cache folder), SCST_EPOCHS (0), SCST_ARGS,
-# FINETUNE_EPOCHS (2), FINETUNE_ARGS, OUT_CHECKPOINT.
+# FINETUNE_EPOCHS (2), FINETUNE_ARGS, OUT_CHECKPOINT, MEMORY (1).
 # Every stage resumes where it stopped when the script is run again.
 set -euo pipefail
 data=${1:-../shared/data/flickr8k}
@@ -35,3 +37,7 @@ if [ "${FINETUNE_EPOCHS:-2}" -gt 0 ]; then
   if [ -f "$run-finetune/best.safetensors" ]; then best="$run-finetune/best.safetensors"; fi
 fi
 python scripts/export_checkpoint.py "$best" "$out_checkpoint"
+if [ "${MEMORY:-1}" != 0 ]; then
+  captioner memory --data "$data" --checkpoint "$out_checkpoint" --out "$run-memory.safetensors"
+  echo "re-rank with it: captioner caption PHOTOS --checkpoint $out_checkpoint --memory $run-memory.safetensors"
+fi

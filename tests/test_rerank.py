@@ -57,6 +57,8 @@ def test_neighbours_are_the_most_similar_images():
     nearest = memory.neighbours(query, 3).tolist()
     assert [{memory.image_ids[i][:6] for i in row} for row in nearest] == [{"train2"}, {"train0"}]
     assert memory.neighbours(query, 100).shape == (2, len(memory))  # k is capped at the memory's size
+    with pytest.raises(CaptionMemoryError, match="8-dim features"):
+        memory.neighbours(torch.ones(2, 5), 3)
 
 
 def test_consensus_is_the_mean_ciderd_against_each_neighbours_references():
