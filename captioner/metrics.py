@@ -347,6 +347,20 @@ class CiderDReward:
             reference_sets.append(reference_set)
         return self._score(hypotheses, reference_sets)
 
+    def score_pooled(self, hypotheses: Sequence[Sequence[str]], image_indices: Sequence[int]) -> np.ndarray:
+        """Per-hypothesis CIDEr-D of every hypothesis against one pooled reference list: the references of
+        all the corpus images `image_indices` together (as re-ranking scores candidates against several
+        similar images' captions). Pooled from the cached vectors; equals `score` against the joined lists."""
+        if len(image_indices) == 0:
+            raise ValueError("CiderDReward.score_pooled: give at least one corpus image")
+        sets = [self._corpus[i] for i in image_indices]
+        offsets = np.cumsum([0] + [len(s.lengths) for s in sets[:-1]])
+        pooled = _ReferenceSet(np.concatenate([s.entry_ref + offset for s, offset in zip(sets, offsets, strict=True)]),
+                               np.concatenate([s.entry_ngram for s in sets]),
+                               np.concatenate([s.entry_weight for s in sets]),
+                               np.concatenate([s.norms for s in sets]), np.concatenate([s.lengths for s in sets]))
+        return self._score(hypotheses, [pooled] * len(hypotheses))
+
     def score_images(self, hypotheses: Sequence[Sequence[str]], image_indices: Sequence[int]) -> np.ndarray:
         """Per-hypothesis CIDEr-D against the references of corpus image `image_indices[i]`."""
         if len(hypotheses) != len(image_indices):

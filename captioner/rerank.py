@@ -7,9 +7,10 @@ best with the captions people wrote for the most similar training images. Here:
 1. beam search writes `candidates` captions for the photo (its n-best list);
 2. the photo's CNN feature finds its `neighbours` nearest training images (cosine similarity) in a
    `CaptionMemory`, which holds the training images' features and their reference captions;
-3. each candidate gets its consensus: the mean over those neighbours of its CIDEr-D against each
-   neighbour's references (document frequencies from all the memory's captions), plus `model_weight`
-   times its beam score (length-normalised log-prob);
+3. each candidate gets its consensus: its CIDEr-D against all those neighbours' references together
+   (document frequencies from all the memory's captions; CIDEr-D averages over references, so with as
+   many captions per image this is the mean over the neighbours), plus `model_weight` times its beam
+   score (length-normalised log-prob);
 4. the candidates are returned in that order, best first.
 
 The decoder is unchanged; the memory is data the user builds from their own training split with
@@ -152,11 +153,8 @@ class CaptionMemory:
         return (queries @ self.features.T).topk(min(k, len(self)), dim=1).indices
 
     def consensus(self, candidates: list[list[str]], neighbours: list[int]) -> np.ndarray:
-        """Mean CIDEr-D of each candidate (tokenised) against the references of each neighbour image."""
-        k = len(neighbours)
-        hypotheses = [tokens for tokens in candidates for _ in range(k)]
-        scores = self.scorer.score_images(hypotheses, neighbours * len(candidates))
-        return scores.reshape(len(candidates), k).mean(axis=1)
+        """CIDEr-D of each candidate (tokenised) against the neighbour images' references pooled together."""
+        return self.scorer.score_pooled(candidates, neighbours)
 
 
 @dataclass

@@ -61,14 +61,29 @@ def test_neighbours_are_the_most_similar_images():
         memory.neighbours(torch.ones(2, 5), 3)
 
 
-def test_consensus_is_the_mean_ciderd_against_each_neighbours_references():
+def test_consensus_is_ciderd_against_the_neighbours_references_pooled():
     memory = _memory()
     scorer = CiderDReward([[tokenize(t) for t in texts] for texts in memory.captions])
     candidates = [tokenize("a dog runs on the grass"), tokenize("a man rides a bike")]
     neighbours = [0, 1, 5]
+    pooled = [tokenize(t) for j in neighbours for t in memory.captions[j]]
+    assert memory.consensus(candidates, neighbours) == pytest.approx(scorer.score(candidates, [pooled, pooled]))
+    # every memory image has three captions here, so that is also the mean over the neighbours
     expected = [np.mean([scorer.score([c], [[tokenize(t) for t in memory.captions[j]]])[0] for j in neighbours])
                 for c in candidates]
     assert memory.consensus(candidates, neighbours) == pytest.approx(expected)
+
+
+def test_pooled_reward_equals_scoring_against_the_joined_reference_lists():
+    corpus = [[tokenize("a dog runs"), tokenize("a brown dog runs fast")], [tokenize("a cat sleeps")],
+              [tokenize("two dogs play in the snow"), tokenize("dogs in snow"), tokenize("a dog in the snow")]]
+    scorer = CiderDReward(corpus)
+    hypotheses = [tokenize("a dog runs in the snow"), tokenize("a cat"), []]
+    for images in ([0], [2, 0], [1, 2, 0, 2]):
+        joined = [ref for i in images for ref in corpus[i]]
+        assert scorer.score_pooled(hypotheses, images) == pytest.approx(scorer.score(hypotheses, [joined] * 3))
+    with pytest.raises(ValueError, match="at least one"):
+        scorer.score_pooled(hypotheses, [])
 
 
 def test_rerank_prefers_the_candidate_the_neighbours_agree_with():
