@@ -92,7 +92,11 @@ def decode_settings(strategy: str, beam_size: int, temperature: float, seed: flo
     return config, note
 
 
-def _describe(config: DecodeConfig) -> str:
+def _describe(config: DecodeConfig, captioner: Captioner | None = None) -> str:
+    reranker = captioner.reranker if captioner is not None else None
+    if config.strategy == "beam" and reranker is not None:
+        return (f"beam search, {reranker.config.candidates} candidates re-ranked by agreement with the captions of "
+                f"the {reranker.config.neighbours} most similar of {len(reranker.memory)} training photos")
     if config.strategy == "beam":
         return f"beam search, beam size {config.beam_size}"
     if config.strategy == "sample":
@@ -129,7 +133,9 @@ def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy
 
     best = result.captions[0]
     heading = best.text[:1].upper() + best.text[1:] if best.text else "(empty caption)"
-    details = [_describe(config), f"log-prob {best.log_prob:.2f}"]
+    details = [_describe(config, captioner), f"log-prob {best.log_prob:.2f}"]
+    if best.consensus is not None:
+        details.append(f"consensus CIDEr-D {best.consensus:.2f}")
     if not best.finished:
         details.append(f"cut off at {config.max_length} words")
     markdown = f"## {_escape_markdown(heading)}\n\n*{_escape_markdown(' · '.join(details))}*"

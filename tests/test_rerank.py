@@ -192,3 +192,17 @@ def test_caption_command_and_api_with_a_memory(tiny_memory, tiny_run, tmp_path):
     memory.save(other)
     with pytest.raises(CaptionMemoryError, match="built with"):
         Captioner.from_pretrained(tiny_run["checkpoint"], device="cpu", memory=other)
+
+
+def test_demo_says_when_it_re_ranks(tiny_memory, tiny_run):
+    from captioner.demo import predict
+
+    example = sorted((REPO_ROOT / "demo" / "examples").glob("*.jpg"))[0]
+    captioner = Captioner.from_pretrained(tiny_run["checkpoint"], device="cpu", memory=tiny_memory,
+                                          rerank=RerankConfig(candidates=4, neighbours=5))
+    markdown, rows = predict(captioner, example, "beam", 3, 1.0, 0, 2)
+    markdown = markdown.replace("\\", "")  # Markdown escapes
+    assert "4 candidates re-ranked by agreement with the captions of the 5 most similar of 60 training photos" in markdown
+    assert "consensus CIDEr-D" in markdown and len(rows) == 2
+    markdown, _ = predict(captioner, example, "greedy", 3, 1.0, 0, 1)
+    assert "greedy decoding" in markdown and "consensus" not in markdown
