@@ -154,7 +154,8 @@ def _csv_rows(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _row(image: str, captions: list | None = None, error: str | None = None) -> dict[str, Any]:
-    captions = [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
+    captions = [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4),
+                 **({"consensus": round(c.consensus, 4)} if getattr(c, "consensus", None) is not None else {})}
                 for c in captions or []]
     return {"image": image, "caption": captions[0]["text"] if captions else None, "captions": captions,
             "error": error}

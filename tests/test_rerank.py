@@ -178,6 +178,7 @@ def test_caption_command_and_api_with_a_memory(tiny_memory, tiny_run, tmp_path):
                  str(tiny_memory), "--rerank-candidates", "4", "--n-best", "2", "-o", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(list(examples.glob("*.jpg"))) and all(row["caption"] for row in rows)
+    assert all(len(row["captions"]) == 2 and "consensus" in row["captions"][0] for row in rows)
     captioner = Captioner.from_pretrained(tiny_run["checkpoint"], device="cpu", memory=tiny_memory,
                                           rerank=RerankConfig(candidates=4))
     assert isinstance(captioner.reranker, ConsensusReranker)
