@@ -12,7 +12,7 @@ from PIL import Image
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.inference import Caption, decode_features
-from captioner.rerank import ConsensusReranker, RerankConfig
+from captioner.rerank import ConsensusReranker, RerankConfig, reranker_for
 from captioner.utils import resolve_device
 
 ImageInput = str | Path | bytes | Image.Image
@@ -49,7 +49,7 @@ class Captioner:
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
         re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
-        from captioner.encoder import check_weights_hash, get_encoder
+        from captioner.encoder import checkpoint_encoder
 
         if path is None:
             from captioner.cli import default_checkpoint
@@ -57,19 +57,11 @@ class Captioner:
             path = default_checkpoint()
         device_ = resolve_device(device)
         checkpoint = load_checkpoint(path, device=device_)
-        encoder_name = checkpoint.encoder.get("encoder", "efficientnet_lite0")
         # a checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash
-        encoder = get_encoder(encoder_name, weights=encoder_weights if encoder_weights is not None
-                              else checkpoint.encoder_state)
-        check_weights_hash(encoder, checkpoint.encoder.get("weights_hash"), str(checkpoint.path))
+        encoder = checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state,
+                                     weights=encoder_weights)
         encoder.to(device_)
-        reranker = None
-        if memory is not None:
-            from captioner.rerank import CaptionMemory, ConsensusReranker
-
-            caption_memory = CaptionMemory.load(memory)
-            caption_memory.check_encoder(checkpoint.encoder, str(checkpoint.path))
-            reranker = ConsensusReranker(caption_memory, rerank or RerankConfig())
+        reranker = None if memory is None else reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
         return cls(checkpoint, encoder, device_, reranker)
 
     @property

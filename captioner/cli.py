@@ -61,7 +61,7 @@ def rerank_config(args: argparse.Namespace):
 
     if args.memory is None:
         return None
-    if args.strategy != "beam":
+    if getattr(args, "strategy", "beam") != "beam":  # the demo has no --strategy: it chooses per request
         raise ValueError(f"--memory re-ranks beam-search candidates; it does not go with --strategy {args.strategy}")
     return RerankConfig(neighbours=args.rerank_neighbours, candidates=args.rerank_candidates,
                         model_weight=args.rerank_weight)
@@ -118,7 +118,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def _features_encoder(args: argparse.Namespace):
     """The CNN `captioner features` runs: --encoder/--encoder-weights, or the one a checkpoint was trained with
     (its own fine-tuned weights when it carries them), checked against the checkpoint's weights hash."""
-    from captioner.encoder import DEFAULT_ENCODER, check_weights_hash, get_encoder
+    from captioner.encoder import DEFAULT_ENCODER, checkpoint_encoder, get_encoder
 
     if not args.from_checkpoint:
         return get_encoder(args.encoder or DEFAULT_ENCODER, weights=args.encoder_weights,
@@ -129,10 +129,7 @@ def _features_encoder(args: argparse.Namespace):
     from captioner.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.from_checkpoint)
-    name = checkpoint.encoder.get("encoder", DEFAULT_ENCODER)
-    encoder = get_encoder(name, weights=checkpoint.encoder_state)
-    check_weights_hash(encoder, checkpoint.encoder.get("weights_hash"), str(checkpoint.path))
-    return encoder
+    return checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -237,12 +234,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.demo import launch
-    from captioner.rerank import RerankConfig
 
-    rerank = RerankConfig(neighbours=args.rerank_neighbours, candidates=args.rerank_candidates,
-                          model_weight=args.rerank_weight)
     launch(args.checkpoint or default_checkpoint(), host=args.host, port=args.port, share=args.share,
-           memory=args.memory, rerank=rerank)
+           memory=args.memory, rerank=rerank_config(args))
     return 0
 
 

@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -265,6 +265,16 @@ def check_weights_hash(encoder: Encoder, expected: str | None, owner: str) -> No
     if expected and encoder.weights_hash != expected:
         raise ValueError(f"{owner}: trained on {encoder.name} weights {expected}, but the loaded weights hash to "
                          f"{encoder.weights_hash}; the captions would be wrong")
+
+
+def checkpoint_encoder(entry: Mapping[str, Any], owner: str, state: Mapping[str, torch.Tensor] | None = None,
+                       weights: Weights = None) -> Encoder:
+    """The CNN a checkpoint was trained on, from its `encoder` entry (name, weights_hash): built with
+    `weights` when given, else the weights the checkpoint carries (`state`, a fine-tuned CNN), else the
+    entry's default source; refused unless the weights hash to the entry's weights_hash."""
+    encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=weights if weights is not None else state)
+    check_weights_hash(encoder, entry.get("weights_hash"), owner)
+    return encoder
 
 
 def fuse_batchnorm_into_conv(model: nn.Module) -> int:

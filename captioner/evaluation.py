@@ -26,7 +26,7 @@ from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
-from captioner.rerank import CaptionMemory, ConsensusReranker, RerankConfig
+from captioner.rerank import CaptionMemory, RerankConfig, reranker_for
 from captioner.utils import resolve_device, write_text_atomic
 
 
@@ -74,10 +74,9 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
                                            else f"not in the feature cache {features_dir}")
                     for r in records if r.image_id not in cache]
         return kept, cache.get_batch([r.image_id for r in kept]), problems
-    from captioner.encoder import check_weights_hash, get_encoder
+    from captioner.encoder import checkpoint_encoder
 
-    encoder = get_encoder(encoder_name, weights=weights)
-    check_weights_hash(encoder, weights_hash, "the checkpoint")
+    encoder = checkpoint_encoder({"encoder": encoder_name, "weights_hash": weights_hash}, "the checkpoint", weights)
     features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,
                                           device=device)
     failed = {index for index, _ in failures}
@@ -171,11 +170,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
             raise ValueError("consensus re-ranking works with one checkpoint, not an ensemble")
         if isinstance(memory, str) and memory == "train":
             memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_)
-        elif not isinstance(memory, CaptionMemory):
-            memory = CaptionMemory.load(memory)
-        memory.check_encoder(checkpoint.encoder, str(checkpoint.path))
-        memory.check_disjoint([r.image_id for r in records], split)
-        reranker = ConsensusReranker(memory, rerank or RerankConfig())
+        reranker = reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
+        reranker.memory.check_disjoint([r.image_id for r in records], split)
     decode_start = time.perf_counter()
     captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250, reranker=reranker)
     decode_seconds = time.perf_counter() - decode_start

@@ -168,6 +168,16 @@ class ConsensusReranker:
         return rerank(self.memory, features, nbest, self.config, n_best)
 
 
+def reranker_for(memory: str | Path | CaptionMemory, encoder: dict[str, Any], owner: str,
+                 config: RerankConfig | None = None) -> ConsensusReranker:
+    """A reranker with `memory` (a file or a loaded memory), refused unless its features come from the
+    CNN of `owner`, whose encoder entry is `encoder`."""
+    if not isinstance(memory, CaptionMemory):
+        memory = CaptionMemory.load(memory)
+    memory.check_encoder(encoder, owner)
+    return ConsensusReranker(memory, config or RerankConfig())
+
+
 def rerank(memory: CaptionMemory, features: Tensor, nbest: list[list[Any]], config: RerankConfig,
            n_best: int = 1) -> list[list[Any]]:
     """Re-order each image's candidates (objects with .text and .score) by consensus; keep `n_best`.

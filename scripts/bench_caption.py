@@ -43,11 +43,12 @@ def bare_forward_images_per_second(encoder, batches: list[torch.Tensor]) -> floa
 
 def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, float]:
     """The batch command's three stages timed apart: loading (files to normalised batches), the CNN, and
-    beam-3 decoding of the features in groups of 128."""
+    beam-3 decoding of the features in groups of 128 (for a re-ranking captioner: its candidate beam search
+    and its consensus scores instead)."""
     from captioner.config import DecodeConfig
     from captioner.features import encode_images, image_loader
 
-    seconds = {"loading": 0.0, "CNN": 0.0, "decoding": 0.0}
+    seconds = {"loading": 0.0, "CNN": 0.0}
     features = []
     batches = iter(image_loader(paths, captioner.encoder, batch_size=batch_size))
     while True:
@@ -60,16 +61,16 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
         features.append(encode_images(captioner.encoder, batch.images))
         seconds["CNN"] += time.perf_counter() - start
     features = torch.cat(features)
-    start = time.perf_counter()
-    for first in range(0, len(features), 128):
-        captioner.caption_features(features[first:first + 128], DecodeConfig(strategy="beam", beam_size=3))
-    seconds["decoding"] = time.perf_counter() - start
-    if captioner.reranker is not None:  # the re-ranking decode in its two parts, on the same features
+    if captioner.reranker is None:
+        start = time.perf_counter()
+        for first in range(0, len(features), 128):
+            captioner.caption_features(features[first:first + 128], DecodeConfig(strategy="beam", beam_size=3))
+        seconds["decoding"] = time.perf_counter() - start
+    else:  # the re-ranking decode in its two parts, on the same features
         from captioner.inference import decode_features
         from captioner.rerank import rerank
 
         reranker, candidates = captioner.reranker, []
-        seconds.pop("decoding")  # timed through caption_features: the two parts below together
         start = time.perf_counter()
         for first in range(0, len(features), 128):
             candidates += decode_features(captioner.checkpoint.model, captioner.vocab, features[first:first + 128],

@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                   [c[0].text for c in captions])
         if args.rerank:
             from captioner.evaluation import build_memory
-            from captioner.rerank import CaptionMemory, ConsensusReranker, RerankConfig
+            from captioner.rerank import reranker_for
 
-            memory: CaptionMemory = build_memory(dataset, "train", checkpoint, caches_for(checkpoint), 64, device)
-            memory.check_disjoint([r.image_id for r in records], args.split)
-            reranker = ConsensusReranker(memory, RerankConfig())
+            memory = build_memory(dataset, "train", checkpoint, caches_for(checkpoint), 64, device)
+            reranker = reranker_for(memory, checkpoint.encoder, str(checkpoint.path))
+            reranker.memory.check_disjoint([r.image_id for r in records], args.split)
             captions = decode_features(checkpoint.model, checkpoint.vocab, features, beam3, reranker=reranker)
             score(f"{label} beam {reranker.config.candidates} + re-ranking", records, [c[0].text for c in captions])
 
