@@ -49,7 +49,7 @@ class Captioner:
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
         re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
-        from captioner.encoder import checkpoint_encoder
+        from captioner.encoders import checkpoint_encoder
 
         if path is None:
             from captioner.cli import default_checkpoint

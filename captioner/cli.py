@@ -118,7 +118,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def _features_encoder(args: argparse.Namespace):
     """The CNN `captioner features` runs: --encoder/--encoder-weights, or the one a checkpoint was trained with
     (its own fine-tuned weights when it carries them), checked against the checkpoint's weights hash."""
-    from captioner.encoder import DEFAULT_ENCODER, checkpoint_encoder, get_encoder
+    from captioner.encoders import DEFAULT_ENCODER, checkpoint_encoder, get_encoder
 
     if not args.from_checkpoint:
         return get_encoder(args.encoder or DEFAULT_ENCODER, weights=args.encoder_weights,

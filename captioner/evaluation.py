@@ -74,7 +74,7 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
                                            else f"not in the feature cache {features_dir}")
                     for r in records if r.image_id not in cache]
         return kept, cache.get_batch([r.image_id for r in kept]), problems
-    from captioner.encoder import checkpoint_encoder
+    from captioner.encoders import checkpoint_encoder
 
     encoder = checkpoint_encoder({"encoder": encoder_name, "weights_hash": weights_hash}, "the checkpoint", weights)
     features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,

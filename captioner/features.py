@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed
-from .encoder import Encoder, Preprocessor
+from .encoders import Encoder, Preprocessor
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 FORMAT_VERSION = 1

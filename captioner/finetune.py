@@ -26,7 +26,7 @@ from torch import Tensor
 from captioner.checkpoint import CheckpointError, load_checkpoint, read_raw, save_checkpoint
 from captioner.config import FinetuneConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.encoder import DEFAULT_ENCODER, Encoder, check_weights_hash, get_encoder_spec, state_dict_hash
+from captioner.encoders import DEFAULT_ENCODER, Encoder, check_weights_hash, get_encoder_spec, state_dict_hash
 from captioner.features import image_loader
 from captioner.training import (
     BEST,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from captioner.data.records import CaptionRecord
-from captioner.encoder import DEFAULT_ENCODER, get_encoder
+from captioner.encoders import DEFAULT_ENCODER, get_encoder
 from captioner.features import extract_features
 from captioner.images import load_image
 

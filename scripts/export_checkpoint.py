@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from captioner.checkpoint import load_checkpoint, save_checkpoint
-from captioner.encoder import DEFAULT_ENCODER, get_encoder
+from captioner.encoders import DEFAULT_ENCODER, get_encoder
 
 
 def main() -> None:

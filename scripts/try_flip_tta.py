@@ -19,7 +19,7 @@ from PIL import ImageOps
 from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
-from captioner.encoder import get_encoder
+from captioner.encoders import get_encoder
 from captioner.features import FeatureCache
 from captioner.images import load_image
 from captioner.inference import decode_features

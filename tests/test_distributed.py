@@ -295,7 +295,7 @@ def test_one_process_finishes_an_interrupted_sharded_extraction(dataset, caches,
     that up and the merged cache is still the single-process one, byte for byte."""
     from captioner import features as features_module
     from captioner.data import load_dataset
-    from captioner.encoder import get_encoder
+    from captioner.encoders import get_encoder
 
     records = load_dataset(dataset["data"], images_dir=dataset["images"]).records
     encoder = get_encoder("efficientnet_lite0")

@@ -14,7 +14,7 @@ from captioner.api import Captioner
 from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
-from captioner.encoder import get_encoder, get_encoder_spec
+from captioner.encoders import get_encoder, get_encoder_spec
 from captioner.evaluation import evaluate_checkpoint, image_features
 
 

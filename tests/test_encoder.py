@@ -12,9 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import encoder as encoder_module
-from captioner.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
-from captioner.encoder import (
+from captioner.encoders import (
     LITE0_STAGE_DEPTHS,
     LITE2_STAGE_DEPTHS,
     EncoderUnavailableError,
@@ -29,6 +27,8 @@ from captioner.encoder import (
     load_strict,
     state_dict_hash,
 )
+from captioner.encoders import registry as encoder_module
+from captioner.encoders.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
 from captioner.images import load_image
 
 IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151..268 are dog breeds
@@ -168,7 +168,7 @@ def test_batchnorm_folding_keeps_features_and_hash(lite0) -> None:
 
 def test_lite0_weights_hash_is_the_one_the_shipped_checkpoint_started_from(lite0) -> None:
     """The hash that ties feature caches and checkpoints to their CNN weights did not move when the encoder
-    left timm for captioner.efficientnet_lite; the shipped model's CNN was fine-tuned from those weights and
+    left timm for captioner.encoders.efficientnet_lite; the shipped model's CNN was fine-tuned from those weights and
     travels in the checkpoint, with the hash it loads with."""
     from conftest import REPO_ROOT
 

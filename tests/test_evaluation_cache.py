@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from captioner.data import CaptionRecord, load_dataset
-from captioner.encoder import get_encoder
+from captioner.encoders import get_encoder
 from captioner.evaluation import image_features
 from captioner.features import extract_features
 

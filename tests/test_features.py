@@ -13,7 +13,7 @@ from PIL import Image
 
 from captioner import features as features_module
 from captioner.data.records import CaptionRecord
-from captioner.encoder import Encoder, get_encoder
+from captioner.encoders import Encoder, get_encoder
 from captioner.features import (
     FeatureCache,
     FeatureCacheError,

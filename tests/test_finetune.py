@@ -13,7 +13,7 @@ from captioner.checkpoint import read_raw
 from captioner.cli import main
 from captioner.config import DecodeConfig, FinetuneConfig
 from captioner.data import load_dataset
-from captioner.encoder import get_encoder
+from captioner.encoders import get_encoder
 from captioner.features import features_for_images
 from captioner.finetune import finetune
 from captioner.images import load_image
