@@ -46,7 +46,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(weights_enum):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(encoder_module, "_download_state_dict", no_network)
+    monkeypatch.setattr("captioner.encoders.resnet.download_state_dict", no_network)
 
 
 def test_registry_lists_the_encoders() -> None:
