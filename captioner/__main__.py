@@ -1,3 +1,3 @@
-from captioner.cli import main
+from captioner.apps.cli import main
 
 raise SystemExit(main())

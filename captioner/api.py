@@ -9,8 +9,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.checkpoint import Checkpoint, load_for_inference
 from captioner.config import DecodeConfig
+from captioner.encoders.registry import Encoder
+from captioner.features.encode import encode_images
+from captioner.images import ImageLoadError, load_image
 from captioner.inference import Caption, decode_features
 from captioner.rerank import ConsensusReranker, RerankConfig, reranker_for
 from captioner.utils import resolve_device
@@ -34,7 +37,7 @@ class CaptionResult:
 class Captioner:
     """A trained decoder with the CNN it was trained on. Load once, caption many images."""
 
-    def __init__(self, checkpoint: Checkpoint, encoder: Any, device: torch.device,
+    def __init__(self, checkpoint: Checkpoint, encoder: Encoder, device: torch.device,
                  reranker: ConsensusReranker | None = None):
         self.checkpoint = checkpoint
         self.encoder = encoder
@@ -49,18 +52,8 @@ class Captioner:
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
         re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
-        from captioner.encoders import checkpoint_encoder
-
-        if path is None:
-            from captioner.cli import default_checkpoint
-
-            path = default_checkpoint()
         device_ = resolve_device(device)
-        checkpoint = load_checkpoint(path, device=device_)
-        # a checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash
-        encoder = checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state,
-                                     weights=encoder_weights)
-        encoder.to(device_)
+        checkpoint, encoder = load_for_inference(path, device_, encoder_weights)
         reranker = None if memory is None else reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
         return cls(checkpoint, encoder, device_, reranker)
 
@@ -80,29 +73,28 @@ class Captioner:
                 batch_size: int = 32, **overrides: Any) -> list[CaptionResult]:
         """Caption PIL images, paths or encoded bytes. Options are DecodeConfig fields, e.g.
         `strategy="beam", beam_size=3, n_best=1`. An unreadable image gets a result with `.error`."""
-        from captioner.features import features_for_images
-        from captioner.images import ImageLoadError, load_image
-
         if not isinstance(images, list):
             images = [images]
         config = self.decode_config(config, **overrides)
         results: list[CaptionResult] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            loaded, chunk_results = [], []
+            loaded, loaded_results, chunk_results = [], [], []
             for image in chunk:
                 source = str(image) if isinstance(image, (str, Path)) else type(image).__name__
                 result = CaptionResult(source)
                 try:
                     loaded.append(load_image(image))
+                    loaded_results.append(result)
                 except ImageLoadError as error:
                     result.error = str(error)
                 chunk_results.append(result)
             if loaded:
-                features = features_for_images(self.encoder, loaded)
-                captions = iter(self.caption_features(features, config))
-                for result in chunk_results:
-                    if result.error is None:
-                        result.captions = next(captions)
+                encoded = encode_images(loaded, self.encoder)
+                for position, reason in encoded.failures:
+                    loaded_results[position].error = f"{loaded_results[position].source}: {reason}"
+                captions = self.caption_features(encoded.features, config)
+                for position, image_captions in zip(encoded.indices, captions, strict=True):
+                    loaded_results[position].captions = image_captions
             results.extend(chunk_results)
         return results

@@ -13,6 +13,7 @@ previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from captioner.config import ModelConfig, from_dict, to_dict
+from captioner.encoders.registry import Encoder, checkpoint_encoder
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 from captioner.utils import atomic_replace
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
+DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"  # the shipped Flickr8k model, relative to the repository
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
 
 
@@ -160,3 +163,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     encoder_state = {k[len("encoder."):]: v.float() if v.is_floating_point() else v
                      for k, v in tensors.items() if k.startswith("encoder.")}
     return Checkpoint(model.to(device).eval(), vocab, encoder, info, path, encoder_state or None)
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint: $CAPTIONER_CHECKPOINT, else the repository's checkpoints/ folder."""
+    if os.environ.get("CAPTIONER_CHECKPOINT"):
+        return Path(os.environ["CAPTIONER_CHECKPOINT"])
+    repo_copy = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT
+    return repo_copy if repo_copy.exists() else Path(DEFAULT_CHECKPOINT)
+
+
+def load_for_inference(path: str | Path | None = None, device: str | torch.device = "cpu",
+                       encoder_weights: str | Path | None = None) -> tuple[Checkpoint, Encoder]:
+    """A checkpoint (default: the shipped one) and the CNN its encoder entry names, both on `device`.
+
+    A checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash, and
+    `encoder_weights` (a local file) replaces them, checked against that hash."""
+    checkpoint = load_checkpoint(default_checkpoint() if path is None else path, device=device)
+    encoder = checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state,
+                                 weights=encoder_weights)
+    encoder.to(device)
+    return checkpoint, encoder

@@ -1,10 +1,13 @@
-"""Settings as dataclasses: the one source of defaults for the model, training and decoding."""
+"""Settings as dataclasses: the one source of defaults for the model, decoding, re-ranking and training."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
+
+C = TypeVar("C")
 
 
 @dataclass
@@ -52,6 +55,50 @@ class DecodeConfig:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("top_k and no_repeat_ngram_size must be >= 0")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> DecodeConfig:
+        """The settings named in `options` (e.g. a command line's parsed flags); others keep their default."""
+        return options_for(cls, options)
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """How consensus re-ranking chooses (defaults chosen on Flickr8k val, docs/experiments.md)."""
+
+    neighbours: int = 20  # nearest training images whose captions vote
+    candidates: int = 20  # beam size and n-best list re-ranked
+    model_weight: float = 0.0  # + this times the candidate's beam score
+
+    def __post_init__(self) -> None:
+        if self.neighbours < 1 or self.candidates < 1:
+            raise ValueError(f"RerankConfig: neighbours and candidates must be at least 1, got {self.neighbours} "
+                             f"and {self.candidates}")
+        if self.model_weight < 0:
+            raise ValueError(f"RerankConfig.model_weight must be >= 0, got {self.model_weight}")
+
+    def decode_config(self, config: DecodeConfig) -> DecodeConfig:
+        """The beam search that writes the candidates (the other settings, e.g. length penalty, kept)."""
+        if config.strategy != "beam":
+            raise ValueError(f"consensus re-ranking re-ranks beam-search candidates; got strategy {config.strategy!r}")
+        if config.n_best > self.candidates:
+            raise ValueError(f"n_best ({config.n_best}) cannot exceed the re-ranked candidates ({self.candidates})")
+        return replace(config, beam_size=self.candidates, n_best=self.candidates)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> RerankConfig | None:
+        """The re-ranking settings of a command line (`memory`, `rerank_neighbours`, `rerank_candidates`,
+        `rerank_weight`, and `strategy` when it has one), or None without a memory. Re-ranking re-orders
+        beam-search candidates, so a memory with another strategy is refused."""
+        if options.get("memory") is None:
+            return None
+        strategy = options.get("strategy", "beam")  # the demo has no --strategy: it chooses per request
+        if strategy != "beam":
+            raise ValueError(f"--memory re-ranks beam-search candidates; it does not go with --strategy {strategy}")
+        defaults = cls()
+        return cls(neighbours=options.get("rerank_neighbours", defaults.neighbours),
+                   candidates=options.get("rerank_candidates", defaults.candidates),
+                   model_weight=options.get("rerank_weight", defaults.model_weight))
 
 
 @dataclass
@@ -121,3 +168,11 @@ def from_dict(cls: type, data: dict) -> Any:
             raise ValueError(f"{cls.__name__}.{name}: expected a number, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def options_for(cls: type[C], options: Mapping[str, Any], **defaults: Any) -> C:
+    """A config dataclass from the entries of `options` that name its fields; a None entry (a flag left
+    out) keeps the field's default, or the one given in `defaults`."""
+    values = {f.name: options[f.name] for f in dataclasses.fields(cls)
+              if f.name in options and options[f.name] is not None}
+    return cls(**{**defaults, **values})

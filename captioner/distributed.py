@@ -8,20 +8,15 @@ on the CPU and for the inference commands, whose only collectives are small Pyth
 barriers. Outside torchrun every helper answers as the only process would (rank 0 of 1, gathers
 return `[obj]`, barriers return at once), so library code calls them unconditionally.
 
-Sharded doors live here too: `caption_paths_sharded` runs `captioner caption` as one shard per rank and
-merges the shards into one output file.
+The sharded doors built on these (e.g. `captioner caption` under torchrun) live with their commands.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -144,74 +139,3 @@ def shard_batches(count: int, batch_size: int, shard: int | None = None, shards:
     shards = world_size() if shards is None else shards
     return [position for start in range(shard * batch_size, count, shards * batch_size)
             for position in range(start, min(start + batch_size, count))]
-
-
-# ------------------------------------------------------------------------------------ sharded captioning
-def rank_file(output: str | Path, shard: int) -> Path:
-    """Where rank `shard` writes its part of `output`: `<output>.rank<k>.jsonl`."""
-    return Path(f"{output}.rank{shard}.jsonl")
-
-
-def _rank_files(output: Path) -> list[Path]:
-    return sorted(output.parent.glob(glob.escape(output.name) + ".rank*.jsonl"))
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a rank file; a last line cut short by a crash is ignored (its image is redone)."""
-    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(keepends=True)
-    return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
-
-
-def caption_paths_sharded(inputs: list[str], checkpoint: str | Path, config: Any, output: str | Path | None,
-                          recursive: bool = False, resume: bool = False, batch_size: int = 32,
-                          num_workers: int | None = None, device: str = "auto", progress: bool = True,
-                          decode_batch_size: int = 128) -> int:
-    """`captioner caption` under torchrun: rank k captions its share of the images into
-    `<output>.rank<k>.jsonl`, then rank 0 merges the shares into `output` in input order and deletes them.
-
-    `--resume` skips images in `output` and in rank files left by an interrupted sharded run (whatever
-    its number of processes). Every rank returns the same exit status (0 all captioned, 1 some failed).
-    """
-    from captioner.batch import ResultWriter, _row, caption_paths, expand_inputs
-
-    if output is None:
-        raise ValueError("under torchrun, `captioner caption` needs --output: every process writes its share "
-                         "of the images and rank 0 merges them into that file")
-    output = Path(output)
-    if output.suffix.lower() not in (".jsonl", ".csv", ".json"):  # checked on every rank, before any waits
-        raise ValueError(f"--output {output}: use a .jsonl, .csv or .json file")
-    paths, problems = expand_inputs(inputs, recursive)
-    leftovers = _rank_files(output)
-    if not resume and (output.exists() or leftovers):
-        existing = output if output.exists() else leftovers[0]
-        raise ValueError(f"{existing} already exists; pass --resume to continue it, or choose another --output "
-                         "(nothing is overwritten)")
-    # Rank 0 reads (and repairs) what earlier runs left; every rank then works on the same list.
-    done: set[str] | None = None
-    if is_main():
-        done = set(ResultWriter(output, resume=True).done) if output.exists() else set()
-        for path in leftovers:
-            done.update(row["image"] for row in _read_rows(path))
-    done = broadcast_object(done)
-    todo = [path for path in paths if path not in done]
-    mine = [todo[position] for position in shard_batches(len(todo), batch_size)]
-    status = caption_paths(mine, checkpoint=checkpoint, config=config, output=str(rank_file(output, rank())),
-                           resume=True, batch_size=batch_size, num_workers=num_workers, device=device,
-                           progress=progress and is_main(), decode_batch_size=decode_batch_size)
-    statuses = all_gather_object(status)
-    if is_main():
-        writer = ResultWriter(output, resume=True)
-        rows: dict[str, dict[str, Any]] = {}
-        for path in _rank_files(output):
-            for row in _read_rows(path):
-                rows.setdefault(row["image"], row)
-        for item, problem in problems:
-            print(f"error: {item}: {problem}", file=sys.stderr)
-        merged = [_row(item, error=problem) for item, problem in problems]
-        merged += [rows[path] for path in paths if path not in writer.done and path in rows]
-        writer.write(merged)
-        for path in _rank_files(output):
-            path.unlink()
-        print(f"merged the shares of {world_size()} process(es) into {output}", file=sys.stderr)
-    barrier()
-    return 1 if problems or max(statuses) else 0

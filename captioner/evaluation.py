@@ -14,7 +14,6 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
+from captioner.features.records import record_features
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
 from captioner.rerank import CaptionMemory, RerankConfig, reranker_for
@@ -52,60 +52,6 @@ def coco_result_id(record: CaptionRecord) -> int | str:
     return record.source_id if record.source_id is not None else record.image_id
 
 
-def image_features(records: list[CaptionRecord], encoder_name: str, features_dir: str | Path | None,
-                   batch_size: int, device: torch.device, weights_hash: str | None = None,
-                   weights: Mapping[str, torch.Tensor] | None = None) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
-    """Features for the records: from a cache when given (it must match the checkpoint's encoder),
-    else by running the CNN (with `weights`, a checkpoint's own CNN weights, when given). Returns the
-    records that have features, the features, and problems."""
-    from captioner.features import FeatureCache, compute_features
-
-    if features_dir is not None:
-        cache = FeatureCache.open(features_dir)
-        if cache.meta.get("encoder") != encoder_name:
-            raise ValueError(f"{features_dir}: features from encoder {cache.meta.get('encoder')!r}, but the "
-                             f"checkpoint was trained on {encoder_name!r} features")
-        if weights_hash and cache.meta.get("weights_hash") != weights_hash:
-            raise ValueError(f"{features_dir}: features from {encoder_name} weights {cache.meta.get('weights_hash')}, "
-                             f"but the checkpoint was trained on weights {weights_hash}")
-        kept = [r for r in records if r.image_id in cache]
-        reasons = {entry.get("image_id"): entry.get("reason") for entry in cache.failed}
-        problems = [f"{r.image_path}: " + (f"no cached feature ({reasons[r.image_id]})" if reasons.get(r.image_id)
-                                           else f"not in the feature cache {features_dir}")
-                    for r in records if r.image_id not in cache]
-        return kept, cache.get_batch([r.image_id for r in kept]), problems
-    from captioner.encoders import checkpoint_encoder
-
-    encoder = checkpoint_encoder({"encoder": encoder_name, "weights_hash": weights_hash}, "the checkpoint", weights)
-    features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,
-                                          device=device)
-    failed = {index for index, _ in failures}
-    kept = [r for i, r in enumerate(records) if i not in failed]
-    problems = [f"{records[i].image_path}: {reason}" for i, reason in failures]
-    return kept, features, problems
-
-
-def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any], features_dirs: list[str | Path],
-                            batch_size: int, device: torch.device,
-                            encoder_state: Mapping[str, torch.Tensor] | None = None,
-                            ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
-    """image_features() for one checkpoint, from the first of `features_dirs` made by its encoder (its
-    `encoder` entry; `encoder_state`: its own CNN weights, when it carries them)."""
-    name = encoder.get("encoder", "efficientnet_lite0")
-    if len(features_dirs) > 1:
-        from captioner.features import FeatureCache
-
-        metas = {d: FeatureCache.open(d).meta for d in features_dirs}
-        matching = [d for d in features_dirs if metas[d].get("encoder") == name]
-        if not matching:
-            raise ValueError(f"none of the feature caches {', '.join(map(str, features_dirs))} was made by {name!r}")
-        # prefer the cache of these very weights (a fine-tuned CNN's, beside the packaged one's)
-        same_weights = [d for d in matching if metas[d].get("weights_hash") == encoder.get("weights_hash")]
-        features_dirs = same_weights or matching
-    return image_features(records, name, features_dirs[0] if features_dirs else None, batch_size, device,
-                          encoder.get("weights_hash"), encoder_state)
-
-
 def join_member_features(records: list[CaptionRecord],
                          per_member: list[tuple[list[CaptionRecord], torch.Tensor, list[str]]]
                          ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
@@ -127,7 +73,7 @@ def build_memory(dataset: Any, split: str, checkpoint: Any, features_dirs: list[
     records = dataset.split(split)
     if not records:
         raise ValueError(f"the dataset has no {split!r} images to build a caption memory from")
-    records, features, problems = features_for_checkpoint(records, checkpoint.encoder, features_dirs, batch_size,
+    records, features, problems = record_features(records, checkpoint.encoder, features_dirs, batch_size,
                                                           device, checkpoint.encoder_state)
     for problem in problems:
         print(f"warning: left out of the memory: {problem}")
@@ -159,7 +105,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         raise ValueError(f"the dataset has no {split!r} images")
     started = time.perf_counter()
     records, features, problems = join_member_features(records, [
-        features_for_checkpoint(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state)
+        record_features(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state)
         for member in checkpoints])
     for problem in problems:
         print(f"warning: skipped {problem}")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from captioner.checkpoint import atomic_save, read_raw
-from captioner.config import DecodeConfig
+from captioner.config import RerankConfig
 from captioner.text import tokenize
 
 MEMORY_FORMAT = "captioner-memory"
@@ -40,30 +40,6 @@ MEMORY_VERSION = 1
 
 class CaptionMemoryError(ValueError):
     """A caption memory that cannot be used (bad file, other CNN, overlap with the scored split)."""
-
-
-@dataclass(frozen=True)
-class RerankConfig:
-    """How consensus re-ranking chooses (defaults chosen on Flickr8k val, docs/experiments.md)."""
-
-    neighbours: int = 20  # nearest training images whose captions vote
-    candidates: int = 20  # beam size and n-best list re-ranked
-    model_weight: float = 0.0  # + this times the candidate's beam score
-
-    def __post_init__(self) -> None:
-        if self.neighbours < 1 or self.candidates < 1:
-            raise ValueError(f"RerankConfig: neighbours and candidates must be at least 1, got {self.neighbours} "
-                             f"and {self.candidates}")
-        if self.model_weight < 0:
-            raise ValueError(f"RerankConfig.model_weight must be >= 0, got {self.model_weight}")
-
-    def decode_config(self, config: DecodeConfig) -> DecodeConfig:
-        """The beam search that writes the candidates (the other settings, e.g. length penalty, kept)."""
-        if config.strategy != "beam":
-            raise ValueError(f"consensus re-ranking re-ranks beam-search candidates; got strategy {config.strategy!r}")
-        if config.n_best > self.candidates:
-            raise ValueError(f"n_best ({config.n_best}) cannot exceed the re-ranked candidates ({self.candidates})")
-        return replace(config, beam_size=self.candidates, n_best=self.candidates)
 
 
 class CaptionMemory:

@@ -1,29 +1,19 @@
 """Start the captioner web demo: `python demo/app.py [--checkpoint PATH] [--host H] [--port P] [--share]
-[--memory M]`.
+[--memory M] [--rerank-neighbours N] [--rerank-candidates N] [--rerank-weight W]`.
 
-The same as `captioner demo`; all logic lives in captioner.demo.
+Exactly `captioner demo`: the same entry point, so the same flags (`python demo/app.py --help`).
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from captioner.demo import launch
+from captioner.apps.cli import main as captioner_main
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Caption photos in the browser.")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint file or folder (default: the shipped Flickr8k model)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; 0.0.0.0 makes the demo reachable from other machines")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--memory", default=None,
-                        help="a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
-    args = parser.parse_args(argv)
-    launch(args.checkpoint, host=args.host, port=args.port, share=args.share, memory=args.memory)
+def main(argv: list[str] | None = None) -> int:
+    return captioner_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -46,7 +46,7 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
     beam-3 decoding of the features in groups of 128 (for a re-ranking captioner: its candidate beam search
     and its consensus scores instead)."""
     from captioner.config import DecodeConfig
-    from captioner.features import encode_images, image_loader
+    from captioner.features import encode_batch, image_loader
 
     seconds = {"loading": 0.0, "CNN": 0.0}
     features = []
@@ -58,7 +58,7 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
         if batch is None:
             break
         start = time.perf_counter()
-        features.append(encode_images(captioner.encoder, batch.images))
+        features.append(encode_batch(captioner.encoder, batch.images))
         seconds["CNN"] += time.perf_counter() - start
     features = torch.cat(features)
     if captioner.reranker is None:
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from captioner.api import Captioner
-    from captioner.batch import caption_paths
+    from captioner.apps.batch import caption_paths
     from captioner.config import DecodeConfig
     from captioner.features import image_loader
 
@@ -194,7 +194,7 @@ def main() -> None:
 
 def demo_latency(captioner, paths: list[str]) -> tuple[float, float]:
     """p50 and p95 (ms) of the demo's predict() on paths[5:60], one image at a time, beam 3."""
-    from captioner.demo import predict
+    from captioner.apps.demo import predict
 
     latencies = []
     for path in paths[:60]:

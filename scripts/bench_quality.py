@@ -37,7 +37,8 @@ import torch
 from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
-from captioner.evaluation import features_for_checkpoint, join_member_features
+from captioner.evaluation import join_member_features
+from captioner.features import record_features
 from captioner.features import FeatureCache
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         return [d for d in args.features if FeatureCache.open(d).meta.get("weights_hash") == wanted]
 
     def member_features(checkpoint):
-        return features_for_checkpoint(split, checkpoint.encoder, caches_for(checkpoint), 64, device,
+        return record_features(split, checkpoint.encoder, caches_for(checkpoint), 64, device,
                                        checkpoint.encoder_state)
 
     for number, checkpoint in enumerate(checkpoints, 1):

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from captioner.checkpoint import resolve
-    from captioner.cli import default_checkpoint
+    from captioner.checkpoint import default_checkpoint
 
     checkpoint = resolve(args.checkpoint or default_checkpoint())
     if not checkpoint.is_file():

@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 def start_demo(captioner: Any, examples_dir: str | Path | None = None) -> tuple[Any, str]:
     """Serve the demo for a loaded Captioner on 127.0.0.1 in this process: (app, url); `app.close()` stops it."""
-    from captioner.demo import EXAMPLES_DIR, build_app, serve
+    from captioner.apps.demo import EXAMPLES_DIR, build_app, serve
 
     _keep_local_traffic_local()
     examples_dir = EXAMPLES_DIR if examples_dir is None else examples_dir
@@ -64,7 +64,7 @@ def start_demo(captioner: Any, examples_dir: str | Path | None = None) -> tuple[
 
 def expected_captions(captioner: Any, images: list[Path]) -> dict[Path, str]:
     """The greedy caption `predict` gives for each image, called directly (no server)."""
-    from captioner.demo import predict
+    from captioner.apps.demo import predict
 
     expected = {}
     for image in images:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from captioner.api import Captioner
-    from captioner.demo import EXAMPLES_DIR, example_paths
+    from captioner.apps.demo import EXAMPLES_DIR, example_paths
 
     images = example_paths(args.images or EXAMPLES_DIR)
     if not images:

@@ -18,7 +18,8 @@ import time
 
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
-from captioner.evaluation import features_for_checkpoint, join_member_features
+from captioner.evaluation import join_member_features
+from captioner.features import record_features
 from captioner.inference import decode_features
 from captioner.metrics import compute_scores
 
@@ -48,7 +49,7 @@ def main() -> None:
     records = load_dataset(args.data).split(args.split)
     device = torch.device("cpu")
     records, features, _ = join_member_features(records, [
-        features_for_checkpoint(records, c.encoder, args.features, 64, device, c.encoder_state)
+        record_features(records, c.encoder, args.features, 64, device, c.encoder_state)
         for c in checkpoints])
     references = {r.image_id: r.captions for r in records}
     print(f"{len(checkpoints)} checkpoint(s) on {args.split} ({len(records)} images)")

@@ -43,7 +43,7 @@ def tiny_flickr8k(flickr8k_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_flickr8k, flickr8k_dir, tmp_path_factory) -> dict[str, Path]:
     """Features and a 2-epoch checkpoint for the tiny subset, made through the CLI doors."""
-    from captioner.cli import main
+    from captioner.apps.cli import main
 
     work = tmp_path_factory.mktemp("tiny-run")
     data = ["--data", str(tiny_flickr8k), "--images", str(flickr8k_dir / "images")]

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from captioner.batch import ResultWriter, expand_inputs
-from captioner.cli import main
+from captioner.apps.batch import ResultWriter, expand_inputs
+from captioner.apps.cli import main
 
 
 @pytest.fixture
@@ -102,14 +102,14 @@ def test_a_group_of_rows_is_one_write_call(tmp_path, monkeypatch, suffix):
     image's n-best CSV rows are never left half-written."""
     import os
 
-    from captioner.batch import _row
+    from captioner.apps.batch import result_row
     from captioner.inference import Caption
 
     writes = []
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
     captions = [Caption(f"caption {k} with a comma, and \"quotes\"", -1.0 * k, -0.5 * k, True) for k in range(3)]
-    rows = [_row(f"image{i}.jpg", captions) for i in range(200)] + [_row("bad.jpg", error="not an image")]
+    rows = [result_row(f"image{i}.jpg", captions) for i in range(200)] + [result_row("bad.jpg", error="not an image")]
     writer = ResultWriter(tmp_path / f"out{suffix}", resume=False)
     writer.write(rows)
     writer.write(rows[:2])

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from captioner.demo import EXAMPLES_DIR, build_app, example_paths, predict, serve
+from captioner.apps.demo import EXAMPLES_DIR, build_app, example_paths, predict, serve
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -41,8 +41,7 @@ def captioner(toy_checkpoint, one_torch_thread):
 def page_captioner(captioner):
     """The shipped model when it is there (what users see, and a real README screenshot), else the tiny one."""
     from captioner.api import Captioner
-    from captioner.checkpoint import resolve
-    from captioner.cli import default_checkpoint
+    from captioner.checkpoint import default_checkpoint, resolve
 
     shipped = resolve(default_checkpoint())
     return Captioner.from_pretrained(shipped, device="cpu") if shipped.is_file() else captioner
@@ -113,10 +112,10 @@ def test_predict_explains_bad_uploads(captioner, tmp_path):
 def test_app_door_passes_its_arguments_to_launch(monkeypatch):
     import importlib.util
 
-    import captioner.demo
+    import captioner.apps.demo
 
     calls = []
-    monkeypatch.setattr(captioner.demo, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(captioner.apps.demo, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
     spec = importlib.util.spec_from_file_location("demo_app", REPO_ROOT / "demo" / "app.py")
     door = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(door)
@@ -126,7 +125,7 @@ def test_app_door_passes_its_arguments_to_launch(monkeypatch):
                                             "memory": "m.safetensors"}),
                      ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None})]
     # `captioner demo` passes the memory and the re-ranking settings on too
-    from captioner.cli import main
+    from captioner.apps.cli import main
     from captioner.rerank import RerankConfig
 
     calls.clear()

@@ -21,9 +21,10 @@ from conftest import REPO_ROOT
 from PIL import Image
 
 from captioner import distributed
-from captioner.batch import caption_paths
+from captioner.apps import batch as batch_module
+from captioner.apps.batch import caption_paths
+from captioner.apps.cli import main
 from captioner.checkpoint import load_checkpoint, read_raw
-from captioner.cli import main
 from captioner.config import DecodeConfig
 from captioner.inference import decode_features
 from captioner.training import autocast_dtype
@@ -237,20 +238,20 @@ def test_sharded_captioning_equals_one_process_and_resumes(dataset, runs, tmp_pa
     # 4 rows already merged, 5 more in the rank file of a 3-process run.
     resumed = tmp_path / "resumed.jsonl"
     resumed.write_text("".join(json.dumps(row) + "\n" for row in expected[:4]))
-    distributed.rank_file(resumed, 2).write_text("".join(json.dumps(row) + "\n" for row in expected[10:15]))
+    batch_module.rank_file(resumed, 2).write_text("".join(json.dumps(row) + "\n" for row in expected[10:15]))
     with pytest.raises(ValueError, match="already exists; pass --resume"):
-        distributed.caption_paths_sharded([str(folder)], checkpoint, DecodeConfig(strategy="beam", beam_size=2),
+        batch_module.caption_paths_sharded([str(folder)], checkpoint, DecodeConfig(strategy="beam", beam_size=2),
                                           output=resumed, batch_size=3, device="cpu", progress=False)
     torch.set_num_threads(1)
     try:
-        status = distributed.caption_paths_sharded([str(folder)], checkpoint,
+        status = batch_module.caption_paths_sharded([str(folder)], checkpoint,
                                                    DecodeConfig(strategy="beam", beam_size=2), output=resumed,
                                                    resume=True, batch_size=3, device="cpu", progress=False)
     finally:
         torch.set_num_threads(threads)
     assert status == 1
     assert [json.loads(line) for line in resumed.read_text().splitlines()] == expected
-    assert not distributed.rank_file(resumed, 2).exists() and not distributed.rank_file(resumed, 0).exists()
+    assert not batch_module.rank_file(resumed, 2).exists() and not batch_module.rank_file(resumed, 0).exists()
 
 
 def test_shard_batches_cover_every_position_once_in_whole_batches():
@@ -293,31 +294,33 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
 def test_one_process_finishes_an_interrupted_sharded_extraction(dataset, caches, tmp_path, monkeypatch):
     """Rank 1 of an earlier 2-process run wrote one batch, then the run stopped; a single process picks
     that up and the merged cache is still the single-process one, byte for byte."""
-    from captioner import features as features_module
     from captioner.data import load_dataset
     from captioner.encoders import get_encoder
+    from captioner.features import cache as cache_module
+    from captioner.features import extract as extract_module
+    from captioner.features import loader as loader_module
 
     records = load_dataset(dataset["data"], images_dir=dataset["images"]).records
     encoder = get_encoder("efficientnet_lite0")
     out = tmp_path / "cache"
     out.mkdir()
-    fingerprint = features_module.cache_fingerprint(encoder)
-    partial = features_module._PartialCache.resume_or_create(out / "partial.rank1", fingerprint, seed=None)
+    fingerprint = cache_module.cache_fingerprint(encoder)
+    partial = cache_module.PartialCache.resume_or_create(out / "partial.rank1", fingerprint, seed=None)
     batch = records[4:8]  # the batch rank 1 owns with --batch-size 4
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        [loaded] = list(features_module.image_loader([r.image_path for r in batch], encoder, batch_size=4))
+        [loaded] = list(loader_module.image_loader([r.image_path for r in batch], encoder, batch_size=4))
         with torch.inference_mode():
-            rows = features_module._to_float16(encoder.model(loaded.images), [r.image_id for r in batch])
+            rows = cache_module.to_float16(encoder.model(loaded.images), [r.image_id for r in batch])
         partial.append([r.image_id for r in batch], rows, [])
         partial.close()
         loads = []
-        original = features_module.load_image
-        monkeypatch.setattr(features_module, "load_image",
+        original = loader_module.load_image
+        monkeypatch.setattr(loader_module, "load_image",
                             lambda path, **kwargs: loads.append(Path(path).name) or original(path, **kwargs))
         with pytest.warns(UserWarning, match="could not be loaded"):
-            features_module.extract_features(records, encoder, out, batch_size=4, progress=False)
+            extract_module.extract_features(records, encoder, out, batch_size=4, progress=False)
     finally:
         torch.set_num_threads(threads)
     assert not set(loads) & {r.image_id for r in batch}  # rank 1's batch was not redone

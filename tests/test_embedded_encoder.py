@@ -15,7 +15,8 @@ from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
 from captioner.encoders import get_encoder, get_encoder_spec
-from captioner.evaluation import evaluate_checkpoint, image_features
+from captioner.evaluation import evaluate_checkpoint
+from captioner.features import record_features
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,10 @@ def test_evaluation_runs_its_cnn_and_refuses_packaged_caches(own_cnn_checkpoint,
     records = dataset.split("test")
     with pytest.raises(ValueError, match="weights"):
         evaluate_checkpoint(path, dataset, "test", DecodeConfig(), features_dir=tiny_run["features"], quiet=True)
-    ours = image_features(records, "efficientnet_lite0", None, 16, torch.device("cpu"), weights_hash, state)[1]
-    packaged = image_features(records, "efficientnet_lite0", tiny_run["features"], 16, torch.device("cpu"))[1]
+    ours = record_features(records, {"encoder": "efficientnet_lite0", "weights_hash": weights_hash}, [], 16,
+                           torch.device("cpu"), state)[1]
+    packaged = record_features(records, {"encoder": "efficientnet_lite0"}, [tiny_run["features"]], 16,
+                               torch.device("cpu"))[1]
     assert not torch.allclose(ours, packaged, atol=1e-2)
     report = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), quiet=True)
     assert report["images"] == len(records) and 0 <= report["scores"]["CIDEr-D"]
@@ -79,7 +82,7 @@ def test_export_keeps_the_cnn_in_float16_with_the_hash_it_loads_with(own_cnn_che
 
 
 def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_run, tmp_path, capsys):
-    from captioner.cli import main
+    from captioner.apps.cli import main
     from captioner.features import FeatureCache
 
     path, state, weights_hash = own_cnn_checkpoint
@@ -88,7 +91,8 @@ def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_
     cache = FeatureCache.open(tmp_path / "own")
     assert cache.meta["weights_hash"] == weights_hash
     records = load_dataset(tiny_run["data"], images_dir=tiny_run["images"]).split("test")
-    ours = image_features(records, "efficientnet_lite0", None, 16, torch.device("cpu"), weights_hash, state)[1]
+    ours = record_features(records, {"encoder": "efficientnet_lite0", "weights_hash": weights_hash}, [], 16,
+                           torch.device("cpu"), state)[1]
     assert torch.allclose(cache.get_batch([r.image_id for r in records]).float(), ours, atol=2e-2)
     # Given beside the packaged-weights cache, the cache of its own CNN is the one read.
     dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])

@@ -63,7 +63,7 @@ def test_feature_width_and_vocabulary_are_checked(tmp_path) -> None:
 
 @pytest.mark.shared_data
 def test_evaluate_an_ensemble_of_two_checkpoints(tiny_run, tmp_path, capsys) -> None:
-    from captioner.cli import main
+    from captioner.apps.cli import main
 
     common = ["--data", str(tiny_run["data"]), "--images", str(tiny_run["images"]), "--split", "val",
               "--features", str(tiny_run["features"]), "--beam-size", "2", "--no-html"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from captioner.cli import main
+from captioner.apps.cli import main
 from captioner.evaluation import format_table
 from captioner.metrics import METRIC_NAMES
 

@@ -7,8 +7,7 @@ from PIL import Image
 
 from captioner.data import CaptionRecord, load_dataset
 from captioner.encoders import get_encoder
-from captioner.evaluation import image_features
-from captioner.features import extract_features
+from captioner.features import FeatureCache, cached_record_features, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +28,12 @@ def test_missing_cached_features_say_why(tmp_path, lite0, one_torch_thread) -> N
     with pytest.warns(UserWarning, match="could not be loaded"):
         extract_features(records, lite0, tmp_path / "cache", progress=False)
 
-    kept, features, problems = image_features(records, "efficientnet_lite0", tmp_path / "cache", 8, lite0.device,
-                                              lite0.weights_hash)
+    kept, features, problems = cached_record_features(records, FeatureCache.open(tmp_path / "cache"), "efficientnet_lite0",
+                                                      lite0.weights_hash)
     assert [r.image_id for r in kept] == ["red.png"] and features.shape == (1, 1280)
     assert len(problems) == 1 and "broken.jpg: no cached feature (" in problems[0]
 
     Image.new("RGB", (64, 48)).save(images / "new.png")  # an image the cache has never seen
     extra = CaptionRecord("new.png", str(images / "new.png"), ["a thing ."], "test")
-    _, _, problems = image_features([extra], "efficientnet_lite0", tmp_path / "cache", 8, lite0.device)
+    _, _, problems = cached_record_features([extra], FeatureCache.open(tmp_path / "cache"), "efficientnet_lite0")
     assert problems == [f"{images / 'new.png'}: not in the feature cache {tmp_path / 'cache'}"]

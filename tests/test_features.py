@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import features as features_module
 from captioner.data.records import CaptionRecord
 from captioner.encoders import Encoder, get_encoder
 from captioner.features import (
     FeatureCache,
     FeatureCacheError,
-    compute_features,
+    encode_images,
     extract_features,
-    features_for_images,
     image_loader,
 )
+from captioner.features import cache as cache_module
+from captioner.features import loader as loader_module
 
 FP16_TOLERANCE = dict(rtol=2e-3, atol=2e-3)
 
@@ -59,7 +59,7 @@ def test_cache_equals_direct_encoder_outputs(tmp_path: Path, encoder: Encoder, p
     assert files == ["features.f16.npy", "index.json", "meta.json"]
     assert np.load(tmp_path / "cache" / "features.f16.npy").dtype == np.float16
 
-    direct = features_for_images(encoder, [Image.open(r.image_path) for r in records])  # (12, 1280)
+    direct = encode_images([Image.open(r.image_path) for r in records], encoder).features  # (12, 1280)
     cached = cache.get_batch([r.image_id for r in records])
     assert cached.dtype == torch.float32 and cached.shape == (12, 1280)
     assert torch.allclose(cached, direct, **FP16_TOLERANCE)
@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_features(tmp_path: Path, encoder: E
     records = records_for(photo_dir)
     whole = extract_features(records, encoder, tmp_path / "whole", batch_size=4, progress=False)
 
-    original_append = features_module._PartialCache.append
+    original_append = cache_module.PartialCache.append
     calls = []
 
     def append_then_crash(self, ids, rows, failed):
@@ -90,10 +90,10 @@ def test_interrupted_run_resumes_to_the_same_features(tmp_path: Path, encoder: E
         calls.append(ids)
         original_append(self, ids, rows, failed)
 
-    monkeypatch.setattr(features_module._PartialCache, "append", append_then_crash)
+    monkeypatch.setattr(cache_module.PartialCache, "append", append_then_crash)
     with pytest.raises(KeyboardInterrupt):
         extract_features(records, encoder, tmp_path / "resumed", batch_size=4, progress=False)
-    monkeypatch.setattr(features_module._PartialCache, "append", original_append)
+    monkeypatch.setattr(cache_module.PartialCache, "append", original_append)
     with pytest.raises(FeatureCacheError, match="interrupted"):
         FeatureCache.open(tmp_path / "resumed")
 
@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_to_the_same_features(tmp_path: Path, encoder: E
         log.write('{"ids": ["photo_')
 
     loaded = []
-    monkeypatch.setattr(features_module, "load_image",
+    monkeypatch.setattr(loader_module, "load_image",
                         lambda path, **kwargs: loaded.append(Path(path).name) or Image.open(path).convert("RGB"))
     resumed = extract_features(records, encoder, tmp_path / "resumed", batch_size=4, progress=False)
     assert sorted(loaded) == [r.image_id for r in records[4:]]  # only what was not on disk
@@ -120,7 +120,7 @@ def test_finished_cache_is_reused_and_extended(tmp_path: Path, encoder: Encoder,
     first = extract_features(records[:6], encoder, tmp_path / "cache", batch_size=8, progress=False)
     before = np.array(first.features)
     loaded = []
-    monkeypatch.setattr(features_module, "load_image",
+    monkeypatch.setattr(loader_module, "load_image",
                         lambda path, **kwargs: loaded.append(Path(path).name) or Image.open(path).convert("RGB"))
     extract_features(records[:6], encoder, tmp_path / "cache", batch_size=8, progress=False)
     assert loaded == []  # nothing to do
@@ -147,7 +147,7 @@ def test_other_encoder_or_weights_are_refused(tmp_path: Path, encoder: Encoder, 
         extract_features(records, resnet_like, tmp_path / "cache", progress=False)
 
     # A partial (interrupted) cache is guarded the same way.
-    monkeypatch.setattr(features_module._PartialCache, "append",
+    monkeypatch.setattr(cache_module.PartialCache, "append",
                         lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         extract_features(records, encoder, tmp_path / "partial", batch_size=2, progress=False)
@@ -177,11 +177,13 @@ def test_bad_images_are_reported_and_skipped(tmp_path: Path, encoder: Encoder, p
         cache["notes.jpg"]
 
 
-def test_compute_features_and_image_loader(encoder: Encoder, photo_dir: Path, tmp_path: Path) -> None:
+def test_encode_images_and_image_loader(encoder: Encoder, photo_dir: Path, tmp_path: Path) -> None:
     paths = [photo_dir / "photo_00.jpg", tmp_path / "missing.jpg", photo_dir / "photo_01.jpg"]
-    features, failures = compute_features(paths, encoder, batch_size=2)
-    assert features.shape == (2, 1280) and failures == [(1, "file not found")]
-    assert torch.allclose(features, features_for_images(encoder, [paths[0], paths[2]]), **FP16_TOLERANCE)
+    encoded = encode_images(paths, encoder, batch_size=2)
+    assert encoded.features.shape == (2, 1280) and encoded.failures == [(1, "file not found")]
+    assert encoded.indices == [0, 2]
+    in_memory = encode_images([Image.open(paths[0]), paths[2].read_bytes()], encoder, batch_size=1).features
+    assert torch.equal(encoded.features, in_memory)  # one route, whatever the input kind
     loader = image_loader(paths, encoder, batch_size=2)
     batches = list(loader)
     assert len(loader) == 2 and [b.indices for b in batches] == [[0], [2]]
@@ -193,5 +195,5 @@ def test_flickr8k_photos(flickr8k_dir: Path, encoder: Encoder, tmp_path: Path) -
     names = sorted(p.name for p in (flickr8k_dir / "images").iterdir())[:12]
     records = [CaptionRecord(name, flickr8k_dir / "images" / name, ["x"], "train") for name in names]
     cache = extract_features(records, encoder, tmp_path / "cache", batch_size=6, progress=False)
-    direct = features_for_images(encoder, [r.image_path for r in records])
+    direct = encode_images([r.image_path for r in records], encoder).features
     assert torch.allclose(cache.get_batch(names), direct, **FP16_TOLERANCE)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from captioner.api import Captioner
+from captioner.apps.cli import main
 from captioner.checkpoint import read_raw
-from captioner.cli import main
 from captioner.config import DecodeConfig, FinetuneConfig
 from captioner.data import load_dataset
 from captioner.encoders import get_encoder
-from captioner.features import features_for_images
+from captioner.features import encode_images
 from captioner.finetune import finetune
 from captioner.images import load_image
 from captioner.training import LAST, LOG
@@ -49,8 +49,8 @@ def test_the_command_trains_the_cnn_and_the_result_loads_with_it(tiny_run, tmp_p
     assert captioner.encoder.weights_hash == encoder["weights_hash"]
     dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
     image = load_image(dataset.split("train")[0].image_path)
-    assert not torch.allclose(features_for_images(captioner.encoder, [image]),
-                              features_for_images(packaged, [image]), atol=1e-3)
+    assert not torch.allclose(encode_images([image], captioner.encoder).features,
+                              encode_images([image], packaged).features, atol=1e-3)
     assert captioner.caption(image)[0].caption
 
 

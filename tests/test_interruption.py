@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner import features as features_module
+from captioner.apps.cli import main
 from captioner.checkpoint import load_checkpoint, read_raw
-from captioner.cli import main
+from captioner.features import loader as loader_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 20260
@@ -45,7 +45,7 @@ import os, signal, sys
 from pathlib import Path
 
 import captioner.checkpoint as checkpoint
-from captioner.cli import main
+from captioner.apps.cli import main
 
 kill_at = int(os.environ["KILL_AT_LAST_SAVE"])
 real_save_file = checkpoint.save_file
@@ -138,13 +138,13 @@ def complete_lines(path: Path) -> list[str]:
 def record_loaded_images(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """File names of the images decoded from now on (by the batch loader, as `caption` and `features` use it)."""
     loaded: list[str] = []
-    real_load_image = features_module.load_image
+    real_load_image = loader_module.load_image
 
     def recording(path, **kwargs):
         loaded.append(Path(path).name)
         return real_load_image(path, **kwargs)
 
-    monkeypatch.setattr(features_module, "load_image", recording)
+    monkeypatch.setattr(loader_module, "load_image", recording)
     return loaded
 
 

@@ -11,8 +11,8 @@ import torch
 from conftest import REPO_ROOT
 
 from captioner.api import Captioner
+from captioner.apps.cli import main
 from captioner.checkpoint import atomic_save, load_checkpoint
-from captioner.cli import main
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
 from captioner.inference import Caption
@@ -196,7 +196,7 @@ def test_caption_command_and_api_with_a_memory(tiny_memory, tiny_run, tmp_path):
 
 
 def test_demo_says_when_it_re_ranks(tiny_memory, tiny_run):
-    from captioner.demo import predict
+    from captioner.apps.demo import predict
 
     example = sorted((REPO_ROOT / "demo" / "examples").glob("*.jpg"))[0]
     captioner = Captioner.from_pretrained(tiny_run["checkpoint"], device="cpu", memory=tiny_memory,

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from captioner.cli import main
-from captioner.demo import EXAMPLES_DIR, example_paths, predict
+from captioner.apps.cli import main
+from captioner.apps.demo import EXAMPLES_DIR, example_paths, predict
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_demo_predict_gives_the_same_caption_or_a_friendly_message(batch_run, co
 
 
 def test_exif_rotated_photo_reaches_the_model_upright(tmp_path, toy_captioner):
-    from captioner.features import compute_features
+    from captioner.features import encode_images
     from captioner.images import load_image
 
     # Landscape as stored; EXIF orientation 6 says "turn 90° clockwise to display".
@@ -190,9 +190,9 @@ def test_exif_rotated_photo_reaches_the_model_upright(tmp_path, toy_captioner):
     assert load_image(tmp_path / "exif.jpg").size == (64, 120)
 
     paths = [tmp_path / "exif.jpg", tmp_path / "turned.png", tmp_path / "sideways.png"]
-    features, failures = compute_features(paths, toy_captioner.encoder, batch_size=3)  # the batch door's loader
-    assert failures == []
-    exif, turned, sideways = features
+    encoded = encode_images(paths, toy_captioner.encoder, batch_size=3)  # the batch door's route
+    assert encoded.failures == []
+    exif, turned, sideways = encoded.features
     assert torch.allclose(exif, turned, rtol=2e-3, atol=2e-3)  # the model sees the upright pixels
     assert not torch.allclose(exif, sideways, rtol=0.1, atol=0.1)
     # The demo's path (Captioner.caption -> load_image) turns it the same way.
@@ -427,7 +427,7 @@ def test_no_request_reads_files_outside_the_allowed_folders(demo_url, tmp_path):
 def test_uploads_over_the_size_limit_are_refused_by_the_server(demo_url):
     import httpx
 
-    from captioner.demo import MAX_UPLOAD_BYTES
+    from captioner.apps.demo import MAX_UPLOAD_BYTES
 
     too_big = b"\xff\xd8" + bytes(MAX_UPLOAD_BYTES)
     with httpx.Client(trust_env=False, timeout=30) as client:

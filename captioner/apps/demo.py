@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner.api import Captioner
 from captioner.config import DecodeConfig
 from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 if TYPE_CHECKING:
     import gradio as gr
     from PIL import Image
-
-    from captioner.api import Captioner
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ MAX_QUEUE = 32  # waiting jobs beyond this are told the queue is full
 MAX_N_BEST = 5
 PREVIEW_SIZE = 512
 # Shipped example photos (public domain / CC0, see SOURCES.md); absent in a wheel install.
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "demo" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "demo" / "examples"
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 TABLE_HEADERS = ["#", "caption", "log-prob", "score"]
 STRATEGIES = [("Beam search", "beam"), ("Greedy", "greedy"), ("Sampling", "sample")]
@@ -229,8 +228,6 @@ def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", p
     """Load the checkpoint once (with a caption memory for consensus re-ranking, when given), then serve
     the demo until interrupted."""
     import torch
-
-    from captioner.api import Captioner
 
     # CONCURRENCY jobs share the cores; more torch threads than cores makes every job crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))

@@ -1,5 +1,7 @@
 """`captioner <command>`: argument parsing only; every command calls into the library.
 
+Heavy modules (torch and what needs it) are imported inside the commands, so `captioner --help` starts fast.
+
 Exit status: 0 success; 1 the job ran but some inputs failed (e.g. unreadable images); 2 bad usage
 or unusable inputs (a missing checkpoint, a broken data file).
 """
@@ -8,21 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, TrainConfig
-
-DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"
-
-
-def default_checkpoint() -> Path:
-    """The shipped checkpoint: $CAPTIONER_CHECKPOINT, else the repository's checkpoints/ folder."""
-    import os
-
-    if os.environ.get("CAPTIONER_CHECKPOINT"):
-        return Path(os.environ["CAPTIONER_CHECKPOINT"])
-    repo_copy = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT
-    return repo_copy if repo_copy.exists() else Path(DEFAULT_CHECKPOINT)
+from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, RerankConfig, TrainConfig
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam") -> None:
@@ -42,8 +31,6 @@ def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam"
 
 
 def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> None:
-    from captioner.rerank import RerankConfig
-
     group = parser.add_argument_group("consensus re-ranking (with a caption memory of training images)")
     defaults = RerankConfig()
     group.add_argument("--memory", default=None, help=memory_help)
@@ -55,23 +42,12 @@ def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> N
                        help="weight of the beam score beside the consensus")
 
 
-def rerank_config(args: argparse.Namespace):
-    """The re-ranking settings, or None without --memory (refused with other strategies than beam)."""
-    from captioner.rerank import RerankConfig
-
-    if args.memory is None:
-        return None
-    if getattr(args, "strategy", "beam") != "beam":  # the demo has no --strategy: it chooses per request
-        raise ValueError(f"--memory re-ranks beam-search candidates; it does not go with --strategy {args.strategy}")
-    return RerankConfig(neighbours=args.rerank_neighbours, candidates=args.rerank_candidates,
-                        model_weight=args.rerank_weight)
+def rerank_config(args: argparse.Namespace) -> RerankConfig | None:
+    return RerankConfig.from_options(vars(args))
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    return DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, n_best=args.n_best,
-                        max_length=args.max_length, length_penalty=args.length_penalty,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
+    return DecodeConfig.from_options(vars(args))
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -100,7 +76,7 @@ def load_data(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------ commands
 def cmd_features(args: argparse.Namespace) -> int:
     from captioner import distributed
-    from captioner.features import extract_features
+    from captioner.features import extract_features, feature_run_encoder
     from captioner.utils import resolve_device
 
     device = resolve_device(args.device)
@@ -108,28 +84,12 @@ def cmd_features(args: argparse.Namespace) -> int:
         dataset = load_data(args)
         splits = args.splits.split(",")
         records = [r for r in dataset.records if r.split in splits]
-        encoder = _features_encoder(args)
+        encoder = feature_run_encoder(args.encoder, args.encoder_weights, args.allow_random_weights,
+                                      args.from_checkpoint)
         cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
                                  num_workers=args.workers, device=device)
         distributed.print0(f"{len(cache)} image features in {args.out}")
     return 1 if cache.meta.get("failed") else 0
-
-
-def _features_encoder(args: argparse.Namespace):
-    """The CNN `captioner features` runs: --encoder/--encoder-weights, or the one a checkpoint was trained with
-    (its own fine-tuned weights when it carries them), checked against the checkpoint's weights hash."""
-    from captioner.encoders import DEFAULT_ENCODER, checkpoint_encoder, get_encoder
-
-    if not args.from_checkpoint:
-        return get_encoder(args.encoder or DEFAULT_ENCODER, weights=args.encoder_weights,
-                           allow_random=args.allow_random_weights)
-    if args.encoder or args.encoder_weights or args.allow_random_weights:
-        raise ValueError("--from-checkpoint takes the CNN from the checkpoint; leave out --encoder, "
-                         "--encoder-weights and --allow-random-weights")
-    from captioner.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(args.from_checkpoint)
-    return checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -209,39 +169,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioner import distributed
-    from captioner.batch import caption_paths
+    from captioner.apps.batch import caption_paths, caption_paths_sharded
     from captioner.utils import resolve_device
 
+    options = dict(checkpoint=args.checkpoint, config=decode_config(args), output=args.output,
+                   recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
+                   num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
     rerank = rerank_config(args)
     with distributed.session(resolve_device(args.device), backend="gloo"):
         if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
-            if rerank is not None:
-                raise ValueError("--memory runs in one process; start it without torchrun")
-            return distributed.caption_paths_sharded(
-                args.paths, checkpoint=args.checkpoint or default_checkpoint(), config=decode_config(args),
-                output=args.output, recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
-                num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
-    checkpoint = args.checkpoint or default_checkpoint()
-    if rerank is not None:
-        from captioner.api import Captioner
-
-        checkpoint = Captioner.from_pretrained(checkpoint, device=args.device, memory=args.memory, rerank=rerank)
-    return caption_paths(args.paths, checkpoint=checkpoint,
-                         config=decode_config(args), output=args.output, recursive=args.recursive,
-                         resume=args.resume, batch_size=args.batch_size, num_workers=args.workers,
-                         device=args.device, decode_batch_size=args.decode_batch_size)
+            return caption_paths_sharded(args.paths, memory=args.memory, **options)
+    return caption_paths(args.paths, memory=args.memory, rerank=rerank, **options)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from captioner.demo import launch
+    from captioner.apps.demo import launch
 
-    launch(args.checkpoint or default_checkpoint(), host=args.host, port=args.port, share=args.share,
+    launch(args.checkpoint, host=args.host, port=args.port, share=args.share,
            memory=args.memory, rerank=rerank_config(args))
     return 0
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from captioner.checkpoint import load_checkpoint
+    from captioner.checkpoint import default_checkpoint, load_checkpoint
     from captioner.evaluation import build_memory
     from captioner.utils import resolve_device
 
@@ -295,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("caption", help="caption image files, folders and globs")
     p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--checkpoint", default=None, help=f"default: the shipped {DEFAULT_CHECKPOINT}")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped Flickr8k checkpoint")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     p.add_argument("--output", "-o", default=None, help="results file: .jsonl, .csv or .json (default: print)")
     p.add_argument("--resume", action="store_true", help="skip images already in --output")
@@ -331,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("memory", help="build a caption memory (training images' features and captions) "
                                            "for consensus re-ranking")
     add_data_arguments(p)
-    p.add_argument("--checkpoint", default=None, help=f"whose CNN makes the features (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--checkpoint", default=None, help="whose CNN makes the features (default: the shipped Flickr8k checkpoint)")
     p.add_argument("--split", default="train", help="the images to remember (never the split you evaluate on)")
     p.add_argument("--features", default=None, nargs="+", help="feature cache(s) of that CNN, instead of running it")
     p.add_argument("--out", required=True, help="the memory file (.safetensors); it holds the dataset's captions")

@@ -5,6 +5,9 @@ the CNN runs per loaded batch and the batched decoder per group of batches. An u
 an error row (path and reason, also on stderr) and the rest continue. Results are appended and flushed after each decoded group (128 images by default), so a crash
 loses at most the group in flight, and `--resume` skips images already in the output file.
 
+Under torchrun, `caption_paths_sharded` gives each rank a share of the images and merges the shares into
+one output file.
+
 Exit status: 0 every image captioned, 1 some failed, 2 bad usage (e.g. the output exists without
 --resume, or no checkpoint).
 """
@@ -15,17 +18,20 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from captioner.config import DecodeConfig
+import torch
+
+from captioner import distributed
+from captioner.api import Captioner
+from captioner.config import DecodeConfig, RerankConfig
+from captioner.features.encode import encoded_batches
 from captioner.utils import progress_bar, write_text_atomic
-
-if TYPE_CHECKING:
-    from captioner.api import Captioner
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CSV_FIELDS = ["image", "rank", "caption", "log_prob", "score", "error"]
@@ -153,7 +159,7 @@ def _csv_rows(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
                "log_prob": f"{caption['log_prob']:.4f}", "score": f"{caption['score']:.4f}", "error": ""}
 
 
-def _row(image: str, captions: list | None = None, error: str | None = None) -> dict[str, Any]:
+def result_row(image: str, captions: list | None = None, error: str | None = None) -> dict[str, Any]:
     captions = [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4),
                  **({"consensus": round(c.consensus, 4)} if getattr(c, "consensus", None) is not None else {})}
                 for c in captions or []]
@@ -162,23 +168,21 @@ def _row(image: str, captions: list | None = None, error: str | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------ run
-def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config: DecodeConfig, output: str | None = None,
+def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner | None, config: DecodeConfig, output: str | None = None,
                   recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
-                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128) -> int:
+                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128,
+                  memory: str | Path | None = None, rerank: RerankConfig | None = None) -> int:
     """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
 
-    `checkpoint`: a checkpoint path, or a `Captioner` already loaded (then `device` is ignored).
+    `checkpoint`: a checkpoint path (None: the shipped one), or a `Captioner` already loaded (then `device`
+    is ignored).
     `batch_size` images go through the CNN at a time; their features are decoded `decode_batch_size` (or
-    more) at a time, and the results of each decoded group are written before the next is loaded."""
-    import torch
-
-    from captioner.api import Captioner
-    from captioner.features import encode_images, image_loader
-
+    more) at a time, and the results of each decoded group are written before the next is loaded.
+    `memory`, `rerank`: consensus re-ranking of beam candidates (`Captioner.from_pretrained`)."""
     paths, problems = expand_inputs(inputs, recursive)
     writer = ResultWriter(output, resume) if output else None
     captioner = (checkpoint if isinstance(checkpoint, Captioner)
-                 else Captioner.from_pretrained(checkpoint, device=device))
+                 else Captioner.from_pretrained(checkpoint, device=device, memory=memory, rerank=rerank))
     if writer is not None and writer.done:
         before = len(paths)
         paths = [p for p in paths if p not in writer.done]
@@ -199,9 +203,10 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config:
         if writer is not None:
             writer.write(rows)
 
-    emit([_row(item, error=problem) for item, problem in problems])
-    loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
-    bar = progress_bar(loader, desc="captioning", enabled=progress, total=len(loader), unit="batch")
+    emit([result_row(item, error=problem) for item, problem in problems])
+    batches = encoded_batches(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
+    bar = progress_bar(batches, desc="captioning", enabled=progress, total=math.ceil(len(paths) / batch_size),
+                       unit="batch")
     # The CNN runs per loader batch; the decoder waits for `decode_batch_size` features (several loader
     # batches), because batched beam search gains more from large batches than the CNN does.
     rows: dict[int, dict[str, Any]] = {}
@@ -212,15 +217,15 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config:
             indices = [index for batch_indices, _ in waiting for index in batch_indices]
             features = torch.cat([batch_features for _, batch_features in waiting])
             for index, captions in zip(indices, captioner.caption_features(features, config), strict=True):
-                rows[index] = _row(paths[index], captions)
+                rows[index] = result_row(paths[index], captions)
             waiting.clear()
         emit([rows[i] for i in sorted(rows)])
         rows.clear()
 
     for batch in bar:
-        rows.update({index: _row(paths[index], error=reason) for index, reason in batch.failures})
+        rows.update({index: result_row(paths[index], error=reason) for index, reason in batch.failures})
         if batch.indices:
-            waiting.append((batch.indices, encode_images(captioner.encoder, batch.images)))
+            waiting.append((batch.indices, batch.features))
         if sum(len(indices) for indices, _ in waiting) >= decode_batch_size:
             decode_waiting()
     decode_waiting()
@@ -228,3 +233,74 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config:
     print(f"captioned {total - failures} of {total} images" + (f"; {failures} failed" if failures else "")
           + (f"; results in {writer.path}" if writer else ""), file=sys.stderr)
     return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------------ sharded captioning
+def rank_file(output: str | Path, shard: int) -> Path:
+    """Where rank `shard` writes its part of `output`: `<output>.rank<k>.jsonl`."""
+    return Path(f"{output}.rank{shard}.jsonl")
+
+
+def _rank_files(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(glob.escape(output.name) + ".rank*.jsonl"))
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a rank file; a last line cut short by a crash is ignored (its image is redone)."""
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+
+
+def caption_paths_sharded(inputs: list[str], checkpoint: str | Path | None, config: Any, output: str | Path | None,
+                          recursive: bool = False, resume: bool = False, batch_size: int = 32,
+                          num_workers: int | None = None, device: str = "auto", progress: bool = True,
+                          decode_batch_size: int = 128, memory: str | Path | None = None) -> int:
+    """`captioner caption` under torchrun: rank k captions its share of the images into
+    `<output>.rank<k>.jsonl`, then rank 0 merges the shares into `output` in input order and deletes them.
+
+    `--resume` skips images in `output` and in rank files left by an interrupted sharded run (whatever
+    its number of processes). Every rank returns the same exit status (0 all captioned, 1 some failed).
+    """
+    if memory is not None:
+        raise ValueError("--memory runs in one process; start it without torchrun")
+    if output is None:
+        raise ValueError("under torchrun, `captioner caption` needs --output: every process writes its share "
+                         "of the images and rank 0 merges them into that file")
+    output = Path(output)
+    if output.suffix.lower() not in (".jsonl", ".csv", ".json"):  # checked on every rank, before any waits
+        raise ValueError(f"--output {output}: use a .jsonl, .csv or .json file")
+    paths, problems = expand_inputs(inputs, recursive)
+    leftovers = _rank_files(output)
+    if not resume and (output.exists() or leftovers):
+        existing = output if output.exists() else leftovers[0]
+        raise ValueError(f"{existing} already exists; pass --resume to continue it, or choose another --output "
+                         "(nothing is overwritten)")
+    # Rank 0 reads (and repairs) what earlier runs left; every rank then works on the same list.
+    done: set[str] | None = None
+    if distributed.is_main():
+        done = set(ResultWriter(output, resume=True).done) if output.exists() else set()
+        for path in leftovers:
+            done.update(row["image"] for row in _read_rows(path))
+    done = distributed.broadcast_object(done)
+    todo = [path for path in paths if path not in done]
+    mine = [todo[position] for position in distributed.shard_batches(len(todo), batch_size)]
+    status = caption_paths(mine, checkpoint=checkpoint, config=config, output=str(rank_file(output, distributed.rank())),
+                           resume=True, batch_size=batch_size, num_workers=num_workers, device=device,
+                           progress=progress and distributed.is_main(), decode_batch_size=decode_batch_size)
+    statuses = distributed.all_gather_object(status)
+    if distributed.is_main():
+        writer = ResultWriter(output, resume=True)
+        rows: dict[str, dict[str, Any]] = {}
+        for path in _rank_files(output):
+            for row in _read_rows(path):
+                rows.setdefault(row["image"], row)
+        for item, problem in problems:
+            print(f"error: {item}: {problem}", file=sys.stderr)
+        merged = [result_row(item, error=problem) for item, problem in problems]
+        merged += [rows[path] for path in paths if path not in writer.done and path in rows]
+        writer.write(merged)
+        for path in _rank_files(output):
+            path.unlink()
+        print(f"merged the shares of {distributed.world_size()} process(es) into {output}", file=sys.stderr)
+    distributed.barrier()
+    return 1 if problems or max(statuses) else 0

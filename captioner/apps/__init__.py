@@ -1,0 +1,4 @@
+"""The doors: the `captioner` command (cli), batch captioning of files (batch) and the web demo (demo).
+
+They parse input, call the library and format output. Nothing in the library imports them.
+"""
