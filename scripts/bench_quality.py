@@ -38,8 +38,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
 from captioner.evaluation import join_member_features
-from captioner.features import record_features
-from captioner.features import FeatureCache
+from captioner.features import FeatureCache, record_features
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
 

@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds before the batch command is stopped")
     args = parser.parse_args(argv)
 
-    from captioner.checkpoint import resolve
-    from captioner.checkpoint import default_checkpoint
+    from captioner.checkpoint import default_checkpoint, resolve
 
     checkpoint = resolve(args.checkpoint or default_checkpoint())
     if not checkpoint.is_file():
