@@ -25,7 +25,7 @@ from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
 from captioner.features.records import record_features
 from captioner.inference import decode_features
-from captioner.metrics import METRIC_NAMES, compute_scores
+from captioner.metrics import METRIC_NAMES, score_captions
 from captioner.rerank import CaptionMemory, RerankConfig, reranker_for
 from captioner.utils import resolve_device, write_text_atomic
 
@@ -121,9 +121,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     decode_start = time.perf_counter()
     captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250, reranker=reranker)
     decode_seconds = time.perf_counter() - decode_start
-    references = {r.image_id: r.captions for r in records}
-    hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
-    scores = compute_scores(references, hypotheses)
+    scores = score_captions(records, captions)
     corpus = {m: scores[m] for m in METRIC_NAMES}
     label = f"beam {config.beam_size}" if config.strategy == "beam" else config.strategy
     if reranker is not None:
@@ -144,7 +142,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         print(f"{name} on {split} ({len(records)} images), {label}:")
         print(format_table({label: corpus}))
     if coco_eval:
-        report["coco_eval"] = run_coco_eval(references, hypotheses)
+        report["coco_eval"] = run_coco_eval({r.image_id: r.captions for r in records},
+                                            {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)})
     if out_dir is not None:
         out = Path(out_dir)
         predictions = [{"image_id": coco_result_id(r), "caption": c[0].text} for r, c in zip(records, captions, strict=True)]
@@ -154,8 +153,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
             from captioner.report import write_html_report
 
             per_image = scores["per_image"]  # {image_id: {metric: value}}
-            items = [{"image_id": r.image_id, "image_path": r.image_path, "caption": hypotheses[r.image_id],
-                      "references": r.captions, "cider": per_image[r.image_id]["CIDEr-D"]} for r in records]
+            items = [{"image_id": r.image_id, "image_path": r.image_path, "caption": c[0].text,
+                      "references": r.captions, "cider": per_image[r.image_id]["CIDEr-D"]}
+                     for r, c in zip(records, captions, strict=True)]
             write_html_report(out / "report.html", items, title=f"{Path(checkpoint.path).name} on {split}",
                               scores=corpus)
         if not quiet:

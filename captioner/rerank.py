@@ -32,6 +32,7 @@ from torch import Tensor
 
 from captioner.checkpoint import atomic_save, read_raw
 from captioner.config import RerankConfig
+from captioner.metrics.cider import CiderD
 from captioner.text import tokenize
 
 MEMORY_FORMAT = "captioner-memory"
@@ -73,9 +74,7 @@ class CaptionMemory:
     def scorer(self):
         """CIDEr-D with document frequencies from the memory's captions (built on first use)."""
         if self._scorer is None:
-            from captioner.metrics import CiderDReward
-
-            self._scorer = CiderDReward([[tokenize(text) for text in texts] for texts in self.captions])
+            self._scorer = CiderD([[tokenize(text) for text in texts] for texts in self.captions])
         return self._scorer
 
     def save(self, path: str | Path) -> Path:

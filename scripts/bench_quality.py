@@ -40,7 +40,7 @@ from captioner.data import load_dataset
 from captioner.evaluation import join_member_features
 from captioner.features import FeatureCache, record_features
 from captioner.inference import decode_features
-from captioner.metrics import METRIC_NAMES, compute_scores
+from captioner.metrics import METRIC_NAMES, score_captions
 
 LITERATURE = {  # Flickr8k test, BLEU-1..4 ×100, Xu et al. 2015 ("Show, Attend and Tell"), Table 1
     "Show and Tell (Vinyals et al. 2015)": {"BLEU-1": 63.0},
@@ -89,12 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     dataset = load_dataset(args.data, images_dir=args.images)
     split, train = dataset.split(args.split), dataset.split("train")
     device = torch.device("cpu")
-    references = {r.image_id: r.captions for r in split}
     rows: dict[str, dict[str, float]] = {}
 
     def score(name: str, records, captions: list[str]) -> None:
-        scores = compute_scores({r.image_id: references[r.image_id] for r in records},
-                                {r.image_id: c for r, c in zip(records, captions, strict=True)})
+        scores = score_captions(records, captions)
         rows[name] = row(scores)
         print(f"  {name}: BLEU-4 {rows[name]['BLEU-4']:.1f}, CIDEr-D {rows[name]['CIDEr-D']:.1f}", file=sys.stderr)
 

@@ -21,7 +21,7 @@ from captioner.data import load_dataset
 from captioner.evaluation import join_member_features
 from captioner.features import record_features
 from captioner.inference import decode_features
-from captioner.metrics import compute_scores
+from captioner.metrics import score_captions
 
 
 def main() -> None:
@@ -51,10 +51,9 @@ def main() -> None:
     records, features, _ = join_member_features(records, [
         record_features(records, c.encoder, args.features, 64, device, c.encoder_state)
         for c in checkpoints])
-    references = {r.image_id: r.captions for r in records}
     print(f"{len(checkpoints)} checkpoint(s) on {args.split} ({len(records)} images)")
     if args.rerank:
-        sweep_rerank(args, model, checkpoints, features, records, references)
+        sweep_rerank(args, model, checkpoints, features, records)
         return
     print(f"{'beam':>5}{'len.pen':>9}{'no-rep':>8}{'BLEU-4':>9}{'CIDEr-D':>9}{'ROUGE-L':>9}{'words':>7}{'s':>6}")
     for beam, penalty, ngram in itertools.product([int(b) for b in args.beam_sizes.split(",")],
@@ -67,14 +66,13 @@ def main() -> None:
         start = time.perf_counter()
         captions = decode_features(model, vocab, features, config)
         seconds = time.perf_counter() - start
-        hypotheses = {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)}
-        scores = compute_scores(references, hypotheses)
-        words = sum(len(text.split()) for text in hypotheses.values()) / len(hypotheses)
+        scores = score_captions(records, captions)
+        words = sum(len(c[0].text.split()) for c in captions) / len(captions)
         print(f"{beam:>5}{penalty:>9.1f}{ngram:>8}{scores['BLEU-4'] * 100:9.1f}{scores['CIDEr-D'] * 100:9.1f}"
               f"{scores['ROUGE-L'] * 100:9.1f}{words:7.1f}{seconds:6.1f}", flush=True)
 
 
-def sweep_rerank(args, model, checkpoints, features, records, references) -> None:
+def sweep_rerank(args, model, checkpoints, features, records) -> None:
     import torch
 
     from captioner.evaluation import build_memory
@@ -97,9 +95,8 @@ def sweep_rerank(args, model, checkpoints, features, records, references) -> Non
             start = time.perf_counter()
             chosen = rerank(memory, features, nbest, RerankConfig(neighbours, candidates, weight))
             seconds = decode_seconds + time.perf_counter() - start
-            hypotheses = {r.image_id: c[0].text for r, c in zip(records, chosen, strict=True)}
-            scores = compute_scores(references, hypotheses)
-            words = sum(len(text.split()) for text in hypotheses.values()) / len(hypotheses)
+            scores = score_captions(records, chosen)
+            words = sum(len(c[0].text.split()) for c in chosen) / len(chosen)
             print(f"{candidates:>6}{penalty:>9.1f}{neighbours:>8}{weight:>8.2f}{scores['BLEU-4'] * 100:9.1f}"
                   f"{scores['CIDEr-D'] * 100:9.1f}{scores['ROUGE-L'] * 100:9.1f}{words:7.1f}{seconds:6.1f}", flush=True)
 
