@@ -1,11 +1,20 @@
-"""The one record type every dataset reader produces."""
+"""The one record type every dataset reader produces, and the `Dataset` that holds a source's records."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+# Every split name a data file may use -> the three we use. Karpathy's "restval" is extra train data.
+SPLIT_ALIASES = {
+    "train": "train", "restval": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test",
+}
 
 
 @dataclass
@@ -46,3 +55,32 @@ class LoadReport:
         shown = "\n  ".join(self.problems[:10])
         more = f"\n  ... and {len(self.problems) - 10} more" if len(self.problems) > 10 else ""
         return f"{len(self.problems)} invalid entries skipped:\n  {shown}{more}"
+
+
+@dataclass
+class Dataset:
+    """Caption records from one source, what was skipped reading them, and where they came from."""
+
+    records: list[CaptionRecord]
+    report: LoadReport = field(default_factory=LoadReport)
+    source: str = ""
+
+    def split(self, name: str) -> list[CaptionRecord]:
+        """Records of one split; "dev" and "restval" are accepted as their normalised names."""
+        normalised = SPLIT_ALIASES.get(name)
+        if normalised is None:
+            raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        return [record for record in self.records if record.split == normalised]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[CaptionRecord]:
+        return iter(self.records)
+
+    def fingerprint(self) -> str:
+        """Short sha256 of the content (image ids, splits, captions), independent of order and layout."""
+        content = sorted([r.image_id, r.split, sorted(r.captions)] for r in self.records)
+        payload = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return hashlib.sha256(payload).hexdigest()[:16]
+
