@@ -56,11 +56,6 @@ class DecodeConfig:
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("top_k and no_repeat_ngram_size must be >= 0")
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> DecodeConfig:
-        """The settings named in `options` (e.g. a command line's parsed flags); others keep their default."""
-        return options_for(cls, options)
-
 
 @dataclass(frozen=True)
 class RerankConfig:
@@ -86,7 +81,7 @@ class RerankConfig:
         return replace(config, beam_size=self.candidates, n_best=self.candidates)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> RerankConfig | None:
+    def from_command(cls, options: Mapping[str, Any]) -> RerankConfig | None:
         """The re-ranking settings of a command line (`memory`, `rerank_neighbours`, `rerank_candidates`,
         `rerank_weight`, and `strategy` when it has one), or None without a memory. Re-ranking re-orders
         beam-search candidates, so a memory with another strategy is refused."""

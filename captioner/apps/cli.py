@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, RerankConfig, TrainConfig
+from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, RerankConfig, TrainConfig, options_for
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam") -> None:
@@ -43,11 +43,11 @@ def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> N
 
 
 def rerank_config(args: argparse.Namespace) -> RerankConfig | None:
-    return RerankConfig.from_options(vars(args))
+    return RerankConfig.from_command(vars(args))
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    return DecodeConfig.from_options(vars(args))
+    return options_for(DecodeConfig, vars(args))
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
