@@ -119,15 +119,16 @@ def test_app_door_passes_its_arguments_to_launch(monkeypatch):
     spec = importlib.util.spec_from_file_location("demo_app", REPO_ROOT / "demo" / "app.py")
     door = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(door)
-    door.main(["--checkpoint", "ck.safetensors", "--port", "7999", "--memory", "m.safetensors"])
-    door.main([])
-    assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False,
-                                            "memory": "m.safetensors"}),
-                     ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None})]
-    # `captioner demo` passes the memory and the re-ranking settings on too
     from captioner.apps.cli import main
     from captioner.rerank import RerankConfig
 
+    # demo/app.py is `captioner demo`: the same entry point, so the same flags (the --rerank-* ones too)
+    assert door.main(["--checkpoint", "ck.safetensors", "--port", "7999", "--memory", "m.safetensors",
+                      "--rerank-candidates", "8"]) == 0
+    assert door.main([]) == 0
+    assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False,
+                                            "memory": "m.safetensors", "rerank": RerankConfig(candidates=8)}),
+                     ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None, "rerank": None})]
     calls.clear()
     assert main(["demo", "--checkpoint", "ck.safetensors", "--memory", "m.safetensors", "--rerank-candidates", "8"]) == 0
     assert calls[0][1]["memory"] == "m.safetensors" and calls[0][1]["rerank"] == RerankConfig(candidates=8)
