@@ -8,6 +8,9 @@ val metrics, ...). Loading never unpickles anything: safetensors is a flat tenso
 that looks like a pickle or `torch.save` archive is refused before anything is parsed.
 Writes go to a temporary file beside the target, then `os.replace`, so a crash mid-save leaves the
 previous checkpoint intact.
+
+`default_checkpoint` finds the shipped model; `load_for_inference` gives a checkpoint together with the CNN
+it was trained on (hash-checked), which is what every door that captions photos needs.
 """
 
 from __future__ import annotations
