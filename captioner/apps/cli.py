@@ -368,11 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_finetune)
 
-    p = commands.add_parser("demo", help="start the Gradio web demo")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--host", default="127.0.0.1")
+    p = commands.add_parser("demo", help="start the Gradio web demo (also: python demo/app.py)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file or folder (default: the shipped Flickr8k model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; 0.0.0.0 makes the demo reachable from other machines")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     add_rerank_arguments(p, "a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
     p.set_defaults(func=cmd_demo)
 
