@@ -15,9 +15,8 @@ from captioner.config import DecodeConfig, FinetuneConfig
 from captioner.data import load_dataset
 from captioner.encoder import get_encoder
 from captioner.features import features_for_images
-from captioner.finetune import finetune
 from captioner.images import load_image
-from captioner.training import LAST, LOG
+from captioner.train import LAST, LOG, finetune
 
 CONFIG = FinetuneConfig(epochs=2, batch_images=4, encoder_lr=1e-3, warmup_steps=1, train_max_images=8,
                         val_max_images=4, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))

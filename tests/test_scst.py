@@ -17,25 +17,20 @@ from captioner.data.records import CaptionRecord
 from captioner.decoding import beam_search
 from captioner.metrics import CiderD, CiderDReward
 from captioner.model import CaptionDecoder
-from captioner.scst import (
-    BEST,
-    CURVES,
-    LAST,
-    LOG,
-    ScstConfig,
-    _draw,
+from captioner.text import Vocabulary, tokenize
+from captioner.train import BEST, CURVES, LAST, LOG, ScstConfig, encode_split
+from captioner.train.scst import (
     advantages,
     beam_candidates,
     caption_log_probs,
     caption_words,
+    draw,
     mean_reward,
     reference_tokens,
     sample_captions,
     set_dropout,
     train_scst,
 )
-from captioner.text import Vocabulary, tokenize
-from captioner.training import encode_split
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +222,7 @@ def test_sampled_log_probs_match_teacher_forcing(tmp_path):
 
 def test_draw_follows_the_probabilities():
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(40000, -1)
-    drawn = _draw(probs, torch.Generator().manual_seed(0))
+    drawn = draw(probs, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(drawn, minlength=4).double() / len(drawn)
     assert frequencies[1] == 0
     assert frequencies.tolist() == pytest.approx([0.2, 0.0, 0.5, 0.3], abs=0.01)
