@@ -147,7 +147,7 @@ def _train(args: argparse.Namespace, device) -> int:
 
     autocast_dtype(args.amp, device)  # refuse a bad --amp before reading any data
     if args.scst:
-        return _train_scst(args, device)
+        return _train_scst(args)
     if args.init_from:
         raise ValueError("--init-from goes with --scst (fine-tuning a trained checkpoint)")
     dataset = load_data(args)
@@ -164,7 +164,7 @@ def _train(args: argparse.Namespace, device) -> int:
     return 0
 
 
-def _train_scst(args: argparse.Namespace, device) -> int:
+def _train_scst(args: argparse.Namespace) -> int:
     from captioner.train import cached_splits, train_scst
 
     if not args.init_from:
@@ -179,7 +179,7 @@ def _train_scst(args: argparse.Namespace, device) -> int:
     splits = cached_splits(load_data(args), args.features)
     features_encoder = splits.pop("encoder")
     best = train_scst(**splits, out_dir=args.out, init_checkpoint=args.init_from, config=config,
-                      resume=args.resume, features_encoder=features_encoder, device=device)
+                      resume=args.resume, features_encoder=features_encoder)  # on the CPU, as before
     print(f"best checkpoint: {best}")
     return 0
 

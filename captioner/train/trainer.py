@@ -240,6 +240,12 @@ class Trainer:
                 distributed.print0(f"nothing to resume in {self.out_dir}: starting a new run")
             return
         tensors, state = read_training_state(last, objective.settings(), to_dict(objective.model.config))
+        start = state["history"][0] if state["history"] else None
+        if (objective.validates_start and distributed.is_main() and not (self.out_dir / BEST).exists()
+                and start is not None and start["epoch"] == 0 and start["val"]["CIDEr-D"] >= state["best_cider"]):
+            # Saved by an older `captioner finetune`, which did not write the starting model as best: it is
+            # what the objective has just built, before the saved state is loaded.
+            self._save(BEST, objective.model, start)
         objective.model.load_state_dict(strip_prefix(tensors, "model."))
         objective.load_state(tensors)
         restore_optimizer(self.optimizer, tensors)
@@ -301,9 +307,18 @@ class Trainer:
             return self.objective.validate(self.objective.model), None
         return self.objective.validate(self.average.model), self.objective.validate(self.objective.model)
 
+    def _save(self, name: str, model: CaptionDecoder, entry: dict[str, Any], **extra: Any) -> None:
+        """Write `model` as the run folder's `name`, with the checkpoint info of epoch `entry`."""
+        objective = self.objective
+        info = {**objective.run_info(), "epoch": entry["epoch"], "val_metrics": entry["val"],
+                "val_decode": to_dict(objective.config.val_decode)}
+        encoder, encoder_state = objective.encoder()
+        save_checkpoint(self.out_dir / name, model, objective.vocab, encoder, info, encoder_state=encoder_state,
+                        **extra)
+
     def _finish_epoch(self, entry: dict[str, Any], raw_scores: dict[str, float] | None) -> None:
         """Select, log, print and save one epoch; every file is on disk before any rank goes on."""
-        objective, config, epoch = self.objective, self.objective.config, entry["epoch"]
+        objective, epoch = self.objective, entry["epoch"]
         if raw_scores is not None:
             entry["val_raw"] = raw_scores
         self.history.append(entry)
@@ -323,22 +338,16 @@ class Trainer:
         distributed.print0(line)
         rng_states = distributed.all_gather_object(rng_state(self.device))
         if distributed.is_main():
-            info = {**objective.run_info(), "epoch": epoch, "val_metrics": entry["val"],
-                    "val_decode": to_dict(config.val_decode)}
-            encoder, encoder_state = objective.encoder()
-            scored = self.average.model if self.average is not None else objective.model
             if improved:
-                save_checkpoint(self.out_dir / BEST, scored, objective.vocab, encoder, info,
-                                encoder_state=encoder_state)
+                self._save(BEST, self.average.model if self.average is not None else objective.model, entry)
             training_state = {"epoch": epoch, "history": self.history, "best_cider": self.best_cider,
                               "bad_epochs": self.bad_epochs,
                               "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                               "ema_updates": self.average.updates if self.average is not None else None}
-            save_checkpoint(self.out_dir / LAST, objective.model, objective.vocab, encoder, info,
-                            encoder_state=encoder_state,
-                            extra_tensors={**optimizer_tensors(self.optimizer), **rng_tensors(rng_states),
-                                           **(self.average.tensors() if self.average is not None else {})},
-                            extra_metadata={"training_state": training_state})
+            self._save(LAST, objective.model, entry,
+                       extra_tensors={**optimizer_tensors(self.optimizer), **rng_tensors(rng_states),
+                                      **(self.average.tensors() if self.average is not None else {})},
+                       extra_metadata={"training_state": training_state})
             write_log(self.out_dir / LOG, self.history)
             plot_curves(self.history, self.out_dir / CURVES, *objective.curve)
         distributed.barrier()  # the checkpoint is on disk before any rank goes on (or is stopped)
