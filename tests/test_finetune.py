@@ -78,6 +78,7 @@ def test_resume_with_other_settings_is_refused(tiny_run, tmp_path):
                  FinetuneConfig(epochs=3, train_max_images=8, val_max_images=4), resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_a_run_that_never_beats_its_start_stops_early_and_returns_the_start(tiny_run, tmp_path, monkeypatch):
     """Early stopping, curves and a best.safetensors that always exists: the starting model, as it was."""
     scores = iter([0.5, 0.4])  # epoch 0 (the start), then epoch 1 does worse; patience 1 stops there

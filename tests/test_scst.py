@@ -415,6 +415,7 @@ def test_scst_keeps_the_checkpoints_own_cnn_and_refuses_a_cache_of_another(tmp_p
         assert carried is not None and all(torch.equal(carried[k], v) for k, v in cnn.items()), path
 
 
+@pytest.mark.slow
 def test_scst_stops_early_keeps_the_best_epoch_and_refuses_torchrun_and_amp(tmp_path, monkeypatch):
     init = _pretrained(tmp_path / "init.safetensors")
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])  # epochs 0..4; patience 2 stops after epoch 3

@@ -78,6 +78,7 @@ def _log(run) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / LOG).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_start_competes_best_is_kept_and_patience_stops_the_run(tmp_path, capsys):
     #        epoch 0    1    2    3    4    (5, 6 never run: two epochs without gain after epoch 2)
     scores = [0.5, 0.4, 0.6, 0.55, 0.58, 0.9, 0.9]
@@ -94,11 +95,13 @@ def test_start_competes_best_is_kept_and_patience_stops_the_run(tmp_path, capsys
     assert "stopping: val CIDEr-D has not improved for 2 epochs" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_run_that_never_beats_its_start_still_has_a_best_checkpoint(tmp_path):
     best = Trainer(Scripted([0.5, 0.1, 0.2], _config(epochs=2)), tmp_path, progress=False).run()
     assert load_checkpoint(best).info["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     scores = [0.5, 0.6, 0.7, 0.8]
     Trainer(Scripted(scores, _config(epochs=3)), tmp_path / "straight", progress=False).run()
@@ -119,6 +122,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert [e["epoch"] for e in _log(tmp_path / "resumed")] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings_another_kind_of_run_and_plain_checkpoints(tmp_path):
     Trainer(Scripted([0.5, 0.6], _config(epochs=1)), tmp_path, progress=False).run()
     with pytest.raises(CheckpointError, match=r"other settings \(train_config differ"):
@@ -137,6 +141,7 @@ def test_resume_refuses_other_settings_another_kind_of_run_and_plain_checkpoints
         Trainer(Scripted([0.5], _config(epochs=1)), tmp_path, resume=True, progress=False).run()
 
 
+@pytest.mark.slow
 def test_a_setting_added_since_the_run_was_saved_counts_as_its_default(tmp_path):
     Trainer(Scripted([0.5, 0.6, 0.7], _config(epochs=2)), tmp_path, progress=False).run()
     tensors, metadata = read_raw(tmp_path / LAST)
@@ -162,3 +167,11 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert torch.equal(epoch_order(50, 3, 2), epoch_order(50, 3, 2))
     assert not torch.equal(epoch_order(50, 3, 2), epoch_order(50, 3, 3))
     assert sorted(epoch_order(50, 3, 2).tolist()) == list(range(50))
+
+
+def test_settings_from_options_take_the_library_defaults_for_what_is_not_given():
+    from captioner.config import FinetuneConfig, ScstConfig
+
+    assert ScstConfig.from_options(epochs=None, lr=None, patience=2) == ScstConfig(patience=2)
+    assert TrainConfig.from_options(epochs=3, lr=None).lr == TrainConfig().lr
+    assert FinetuneConfig.from_options(patience=None).patience == FinetuneConfig().patience

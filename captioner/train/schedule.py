@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from captioner.config import TrainConfig
+from captioner.train.state import strip_prefix
 
 
 def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -52,5 +53,5 @@ class WeightAverage:
         return {f"ema.{name}": value for name, value in self.model.state_dict().items()}
 
     def load(self, tensors: dict[str, Tensor], updates: int) -> None:
-        self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.model.load_state_dict(strip_prefix(tensors, "ema."))
         self.updates = updates
