@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, TrainConfig
+from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, ScstConfig, TrainConfig
 
 DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"
 
@@ -138,29 +138,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     with distributed.session(device):  # under torchrun: data-parallel (NCCL on CUDA, gloo on the CPU)
-        if args.scst and distributed.is_distributed():
-            raise ValueError("--scst runs in one process; start it without torchrun")
         return _train(args, device)
 
 
 def _train(args: argparse.Namespace, device) -> int:
     from captioner import distributed
-    from captioner.training import autocast_dtype, train_on_cache
+    from captioner.train import autocast_dtype, train_on_cache
 
     autocast_dtype(args.amp, device)  # refuse a bad --amp before reading any data
-    dataset = load_data(args)
     if args.scst:
-        if args.ema_decay:
-            raise ValueError("--ema-decay averages cross-entropy training; --scst does not use it")
-        return _train_scst(args, dataset)
+        return _train_scst(args)
     if args.init_from:
         raise ValueError("--init-from goes with --scst (fine-tuning a trained checkpoint)")
-    defaults = TrainConfig()
-    config = TrainConfig(epochs=args.epochs or defaults.epochs, batch_size=args.batch_size,
-                         lr=args.lr or defaults.lr, seed=args.seed,
-                         label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
-                         patience=args.patience, val_max_images=args.val_images, ema_decay=args.ema_decay,
-                         val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
+    dataset = load_data(args)
+    config = TrainConfig.from_options(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                      label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
+                                      patience=args.patience, val_max_images=args.val_images,
+                                      ema_decay=args.ema_decay,
+                                      val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
                     "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
     best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume,
@@ -169,24 +164,22 @@ def _train(args: argparse.Namespace, device) -> int:
     return 0
 
 
-def _train_scst(args: argparse.Namespace, dataset) -> int:
-    from captioner.scst import ScstConfig, train_scst
-    from captioner.training import cached_splits
+def _train_scst(args: argparse.Namespace) -> int:
+    from captioner.train import cached_splits, train_scst
 
     if not args.init_from:
         raise ValueError("--scst fine-tunes a trained model: give its checkpoint with --init-from")
-    splits = cached_splits(dataset, args.features)
-    defaults = ScstConfig()
-    config = ScstConfig(epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr,
-                        samples_per_image=args.scst_samples, batch_images=args.scst_batch_images,
-                        baseline=args.scst_baseline, candidates=args.scst_candidates, dropout=args.scst_dropout,
-                        patience=args.patience,
-                        seed=args.seed,
-                        val_max_images=args.val_images,
-                        val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
+    if args.ema_decay:
+        raise ValueError("--ema-decay averages cross-entropy training; --scst does not use it")
+    config = ScstConfig.from_options(epochs=args.epochs, lr=args.lr, samples_per_image=args.scst_samples,
+                                     batch_images=args.scst_batch_images, baseline=args.scst_baseline,
+                                     candidates=args.scst_candidates, dropout=args.scst_dropout,
+                                     patience=args.patience, seed=args.seed, val_max_images=args.val_images,
+                                     val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
+    splits = cached_splits(load_data(args), args.features)
     features_encoder = splits.pop("encoder")
     best = train_scst(**splits, out_dir=args.out, init_checkpoint=args.init_from, config=config,
-                      resume=args.resume, features_encoder=features_encoder)
+                      resume=args.resume, features_encoder=features_encoder)  # on the CPU, as before
     print(f"best checkpoint: {best}")
     return 0
 
@@ -258,19 +251,20 @@ def cmd_memory(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from captioner.finetune import finetune
+    from captioner.train import finetune
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = FinetuneConfig.from_options(epochs=args.epochs, batch_images=args.batch_images,
+                                         encoder_lr=args.encoder_lr, decoder_lr=args.decoder_lr,
+                                         warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing,
+                                         flip=not args.no_flip, patience=args.patience, seed=args.seed,
+                                         val_max_images=args.val_images, train_max_images=args.train_images,
+                                         val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     dataset = load_data(args)
-    config = FinetuneConfig(epochs=args.epochs, batch_images=args.batch_images, encoder_lr=args.encoder_lr,
-                            decoder_lr=args.decoder_lr, warmup_steps=args.warmup_steps,
-                            label_smoothing=args.label_smoothing, flip=not args.no_flip, seed=args.seed,
-                            val_max_images=args.val_images, train_max_images=args.train_images,
-                            val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     best = finetune(args.checkpoint, dataset.split("train"), dataset.split("val"), args.out, config,
                     resume=args.resume)
-    print(f"best checkpoint: {best}" if best.exists() else f"no better checkpoint than {args.checkpoint}")
+    print(f"best checkpoint: {best}")
     return 0
 
 
@@ -356,15 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a decoder on cached features")
     add_data_arguments(p)
-    defaults, model_defaults = TrainConfig(), ModelConfig(vocab_size=0)
+    defaults, model_defaults, scst_defaults = TrainConfig(), ModelConfig(vocab_size=0), ScstConfig()
     p.add_argument("--features", required=True, help="feature cache made by `captioner features`")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"default: {defaults.epochs} (cross-entropy), 10 (--scst)")
+                   help=f"default: {defaults.epochs} (cross-entropy), {scst_defaults.epochs} (--scst)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="captions per update over all processes (under torchrun each takes its share)")
-    p.add_argument("--lr", type=float, default=None, help=f"default: {defaults.lr} (cross-entropy), 5e-5 (--scst)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: {defaults.lr} (cross-entropy), {scst_defaults.lr} (--scst)")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
     p.add_argument("--patience", type=int, default=defaults.patience)
@@ -386,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     scst = p.add_argument_group("self-critical fine-tuning (SCST, reward = CIDEr-D)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init-from with SCST instead of XE training")
     scst.add_argument("--init-from", default=None, help="the cross-entropy checkpoint to fine-tune")
-    scst.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
-    scst.add_argument("--scst-batch-images", type=int, default=50, help="images per update")
-    scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
+    scst.add_argument("--scst-samples", type=int, default=scst_defaults.samples_per_image,
+                      help="sampled captions per image")
+    scst.add_argument("--scst-batch-images", type=int, default=scst_defaults.batch_images, help="images per update")
+    scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default=scst_defaults.baseline,
                       help="mean reward of the other samples, or the greedy caption's reward")
-    scst.add_argument("--scst-candidates", choices=["sample", "beam"], default="sample",
+    scst.add_argument("--scst-candidates", choices=["sample", "beam"], default=scst_defaults.candidates,
                       help="the captions rewarded: sampled, or each image's best beams (beam size "
                            "--scst-samples, mean baseline)")
     scst.add_argument("--scst-dropout", type=float, default=None,
@@ -401,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the trained checkpoint to start from")
     add_data_arguments(p)
     f_defaults = FinetuneConfig()
-    p.add_argument("--out", required=True, help="run folder (best/last checkpoints, log)")
+    p.add_argument("--out", required=True, help="run folder (best/last checkpoints, log, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--epochs", type=int, default=f_defaults.epochs)
     p.add_argument("--batch-images", type=int, default=f_defaults.batch_images,
@@ -411,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=f_defaults.warmup_steps)
     p.add_argument("--label-smoothing", type=float, default=f_defaults.label_smoothing)
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips of training images")
+    p.add_argument("--patience", type=int, default=f_defaults.patience,
+                   help="epochs without val CIDEr-D gain (over the start too) before stopping")
     p.add_argument("--seed", type=int, default=f_defaults.seed)
     p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
     p.add_argument("--train-images", type=int, default=None, help="train on the first N images (smoke runs)")

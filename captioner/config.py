@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
+class Options:
+    """Base of the training settings: build them from optional values, where None means the default (so
+    a door passes its flags through without copying any default by hand)."""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        return cls(**{name: value for name, value in options.items() if value is not None})
+
+
 @dataclass
 class ModelConfig:
     """Decoder shape. `feature_dim` is the CNN feature size; `vocab_size` comes from the vocabulary."""
@@ -55,7 +64,7 @@ class DecodeConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Optimisation settings for teacher-forced training on cached features."""
 
     epochs: int = 16
@@ -79,8 +88,43 @@ class TrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """Settings of `captioner finetune` (captioner.finetune): the CNN trained together with the decoder."""
+class ScstConfig(Options):
+    """Settings of the self-critical fine-tuning stage (`captioner train --scst`, captioner.train.scst)."""
+
+    epochs: int = 10
+    batch_images: int = 50  # images per update; each contributes samples_per_image captions
+    samples_per_image: int = 5
+    lr: float = 5e-5  # constant: a small step away from the XE optimum, which CIDEr-D rewards can wreck
+    weight_decay: float = 0.0  # no pull towards zero while fine-tuning
+    max_length: int = 16  # sampled tokens, <end> included
+    grad_clip: float = 5.0  # max global gradient norm
+    baseline: Literal["mean", "greedy"] = "mean"
+    candidates: Literal["sample", "beam"] = "sample"  # beam: the K best beams (length penalty of val_decode)
+    dropout: float | None = None  # None: keep the XE model's dropout while sampling; else use this rate
+    patience: int = 3  # epochs without val CIDEr-D improvement before stopping
+    seed: int = 0
+    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.baseline not in ("mean", "greedy"):
+            raise ValueError(f"ScstConfig.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
+        if self.candidates not in ("sample", "beam"):
+            raise ValueError(f"ScstConfig.candidates must be 'sample' or 'beam', got {self.candidates!r}")
+        if self.candidates == "beam" and self.baseline != "mean":
+            raise ValueError("beam candidates are compared with each other: use the mean baseline")
+        if self.baseline == "mean" and self.samples_per_image < 2:
+            raise ValueError("the mean baseline averages the other samples of an image: samples_per_image "
+                             f"must be at least 2, got {self.samples_per_image}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"ScstConfig.dropout must be in [0, 1) or None, got {self.dropout}")
+        if self.samples_per_image < 1 or self.batch_images < 1 or self.max_length < 1 or self.epochs < 0:
+            raise ValueError("samples_per_image, batch_images and max_length must be at least 1, epochs >= 0")
+
+
+@dataclass
+class FinetuneConfig(Options):
+    """Settings of `captioner finetune` (captioner.train.finetuning): the CNN trained together with the decoder."""
 
     epochs: int = 2
     batch_images: int = 16  # images per step, each with all its captions
@@ -92,6 +136,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     flip: bool = True
     max_caption_length: int = 30
+    patience: int = 3  # epochs without val CIDEr-D improvement (over the start too) before stopping
     seed: int = 0
     val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
     val_max_images: int | None = None

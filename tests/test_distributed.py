@@ -26,7 +26,7 @@ from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.cli import main
 from captioner.config import DecodeConfig
 from captioner.inference import decode_features
-from captioner.training import autocast_dtype
+from captioner.train import autocast_dtype
 
 # Per-epoch mean token loss, 2 processes vs 1 with the same global batch, seed and dropout 0: the runs do
 # the same arithmetic except the order of float32 sums (per rank, then the gradient all-reduce), which
@@ -160,7 +160,8 @@ from captioner.data import load_dataset
 from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.features import FeatureCache
 from captioner.inference import decode_features
-from captioner.training import decode_across_ranks, train_on_cache
+from captioner.evaluation import decode_across_ranks
+from captioner.train import train_on_cache
 
 data, images, features, out = sys.argv[1:5]
 dataset = load_dataset(data, images_dir=images)
@@ -270,7 +271,7 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
 
     from captioner.config import TrainConfig
     from captioner.data.records import CaptionRecord
-    from captioner.training import train
+    from captioner.train import train
 
     generator = torch.Generator().manual_seed(0)
     records = [CaptionRecord(f"{i}.jpg", f"/nowhere/{i}.jpg", ["a dog runs .", "a cat sits here ."], "train")
