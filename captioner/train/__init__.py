@@ -18,7 +18,7 @@ from captioner.train.schedule import WeightAverage, learning_rate, warmup_cosine
 from captioner.train.scst import SelfCritical, train_scst
 from captioner.train.state import BEST, CURVES, LAST, LOG
 from captioner.train.teacher_forcing import TeacherForcing, train, train_on_cache
-from captioner.train.trainer import Objective, Trainer, autocast_dtype
+from captioner.train.trainer import Objective, Trainer, autocast_dtype, cpu_bf16_lstm_supported
 
 __all__ = [
     "BEST",
@@ -36,6 +36,7 @@ __all__ = [
     "Trainer",
     "WeightAverage",
     "autocast_dtype",
+    "cpu_bf16_lstm_supported",
     "cached_splits",
     "encode_split",
     "epoch_order",

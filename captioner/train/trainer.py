@@ -17,6 +17,7 @@ agree on best and stopping.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +67,23 @@ def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     if amp == "fp16":
         raise ValueError(f"--amp fp16 needs a CUDA device (this run is on {device}); on the CPU train in "
                          "float32 (no --amp) or with --amp bf16")
+    if not cpu_bf16_lstm_supported():
+        raise ValueError("--amp bf16: this CPU's oneDNN cannot run an LSTM in bfloat16 (it needs AVX-512 "
+                         "or newer); train in float32 (no --amp)")
     return torch.bfloat16  # CPU autocast works, but is only faster on CPUs with bfloat16 units
+
+
+@functools.cache
+def cpu_bf16_lstm_supported() -> bool:
+    """Whether a bfloat16-autocast LSTM runs on this CPU: oneDNN has no bf16 LSTM kernel for AVX2-only
+    CPUs and raises at the first forward, so ask once with a one-step toy LSTM."""
+    lstm = torch.nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 1, 2))
+    except RuntimeError:
+        return False
+    return True
 
 
 class Objective:
