@@ -5,9 +5,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-C = TypeVar("C")
+
+class Options:
+    """Base of the settings a door builds: from optional values, where None means the default (so a door
+    passes its flags through without copying any default by hand)."""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        return cls(**{name: value for name, value in options.items() if value is not None})
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> Any:
+        """`from_options` with the entries of `flags` (a command line's parsed flags, `vars(args)`) that
+        name one of this class's fields; the others belong to other settings."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_options(**{name: value for name, value in flags.items() if name in names})
 
 
 @dataclass
@@ -26,7 +40,7 @@ class ModelConfig:
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Options):
     """How captions are generated. One object for every door (CLI, demo, evaluation, training)."""
 
     strategy: Literal["greedy", "sample", "beam"] = "beam"
@@ -97,7 +111,7 @@ class RerankConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Optimisation settings for teacher-forced training on cached features."""
 
     epochs: int = 16
@@ -121,8 +135,43 @@ class TrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """Settings of `captioner finetune` (captioner.finetune): the CNN trained together with the decoder."""
+class ScstConfig(Options):
+    """Settings of the self-critical fine-tuning stage (`captioner train --scst`, captioner.train.scst)."""
+
+    epochs: int = 10
+    batch_images: int = 50  # images per update; each contributes samples_per_image captions
+    samples_per_image: int = 5
+    lr: float = 5e-5  # constant: a small step away from the XE optimum, which CIDEr-D rewards can wreck
+    weight_decay: float = 0.0  # no pull towards zero while fine-tuning
+    max_length: int = 16  # sampled tokens, <end> included
+    grad_clip: float = 5.0  # max global gradient norm
+    baseline: Literal["mean", "greedy"] = "mean"
+    candidates: Literal["sample", "beam"] = "sample"  # beam: the K best beams (length penalty of val_decode)
+    dropout: float | None = None  # None: keep the XE model's dropout while sampling; else use this rate
+    patience: int = 3  # epochs without val CIDEr-D improvement before stopping
+    seed: int = 0
+    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.baseline not in ("mean", "greedy"):
+            raise ValueError(f"ScstConfig.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
+        if self.candidates not in ("sample", "beam"):
+            raise ValueError(f"ScstConfig.candidates must be 'sample' or 'beam', got {self.candidates!r}")
+        if self.candidates == "beam" and self.baseline != "mean":
+            raise ValueError("beam candidates are compared with each other: use the mean baseline")
+        if self.baseline == "mean" and self.samples_per_image < 2:
+            raise ValueError("the mean baseline averages the other samples of an image: samples_per_image "
+                             f"must be at least 2, got {self.samples_per_image}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"ScstConfig.dropout must be in [0, 1) or None, got {self.dropout}")
+        if self.samples_per_image < 1 or self.batch_images < 1 or self.max_length < 1 or self.epochs < 0:
+            raise ValueError("samples_per_image, batch_images and max_length must be at least 1, epochs >= 0")
+
+
+@dataclass
+class FinetuneConfig(Options):
+    """Settings of `captioner finetune` (captioner.train.finetuning): the CNN trained together with the decoder."""
 
     epochs: int = 2
     batch_images: int = 16  # images per step, each with all its captions
@@ -134,6 +183,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     flip: bool = True
     max_caption_length: int = 30
+    patience: int = 3  # epochs without val CIDEr-D improvement (over the start too) before stopping
     seed: int = 0
     val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
     val_max_images: int | None = None
@@ -164,10 +214,3 @@ def from_dict(cls: type, data: dict) -> Any:
         kwargs[name] = value
     return cls(**kwargs)
 
-
-def options_for(cls: type[C], options: Mapping[str, Any], **defaults: Any) -> C:
-    """A config dataclass from the entries of `options` that name its fields; a None entry (a flag left
-    out) keeps the field's default, or the one given in `defaults`."""
-    values = {f.name: options[f.name] for f in dataclasses.fields(cls)
-              if f.name in options and options[f.name] is not None}
-    return cls(**{**defaults, **values})

@@ -6,6 +6,9 @@ and the out folder receives:
   report.json        scores, decoding settings, checkpoint and data fingerprints, image count, timing
   predictions.json   COCO results format [{"image_id", "caption"}], scorable by the official toolkit
   report.html        the best and worst images by per-image CIDEr-D, with captions and references
+
+`validate` is the same real decoding and scoring on val features, as the trainer calls it after every
+epoch (never teacher-forced), split over the ranks under torchrun.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from typing import Any
 
 import torch
 
+from captioner import distributed
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
 from captioner.features.records import record_features
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, score_captions
+from captioner.model import CaptionDecoder
 from captioner.rerank import CaptionMemory, RerankConfig, reranker_for
+from captioner.text import Vocabulary
 from captioner.utils import resolve_device, write_text_atomic
 
 
@@ -161,6 +167,30 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         if not quiet:
             print(f"wrote {out}/report.json, predictions.json" + (", report.html" if html else ""))
     return report
+
+
+def validate(model: CaptionDecoder, vocab: Vocabulary, records: list[CaptionRecord], features: torch.Tensor,
+             config: DecodeConfig) -> dict[str, float]:
+    """Decode the val images for real (never teacher-forced) with `config` and score them: BLEU-4 and CIDEr-D.
+
+    Under torchrun the ranks decode a share each, rank 0 scores all of them and every rank returns the
+    scores, so all ranks agree on the best epoch and on stopping."""
+    texts = decode_across_ranks(model, vocab, features, config)
+    scores = None
+    if distributed.is_main():
+        all_scores = score_captions(records, texts)
+        scores = {"BLEU-4": all_scores["BLEU-4"], "CIDEr-D": all_scores["CIDEr-D"]}
+    return distributed.broadcast_object(scores)
+
+
+def decode_across_ranks(model: CaptionDecoder, vocab: Vocabulary, features: torch.Tensor,
+                        config: DecodeConfig) -> list[str]:
+    """The best caption of every row of `features`, in row order, on every rank; under torchrun rank r
+    decodes rows r, r+W, r+2W, ... and the shares are gathered."""
+    world, rank = distributed.world_size(), distributed.rank()
+    captions = decode_features(model, vocab, features[rank::world], config)
+    shares = distributed.all_gather_object([c[0].text for c in captions])  # shares[k][i]: row k + i*W
+    return [shares[row % world][row // world] for row in range(features.size(0))]
 
 
 def run_coco_eval(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from captioner.config import ModelConfig, TrainConfig
 from captioner.data import load_dataset
 from captioner.model import CaptionDecoder, count_parameters
 from captioner.text import Vocabulary, tokenize
-from captioner.training import encode_split
+from captioner.train import encode_split
 
 
 def measure(model: CaptionDecoder, data, order: torch.Tensor, batch_size: int, steps: int,

@@ -5,7 +5,8 @@
 #   3. with SCST_EPOCHS > 0, fine-tune that model with self-critical training (reward CIDEr-D), again
 #      keeping the best epoch by val CIDEr-D (epoch 0, the starting model, competes too),
 #   4. with FINETUNE_EPOCHS > 0 (default 2), fine-tune the CNN together with that decoder on the images
-#      (`captioner finetune`), kept only if an epoch beats the starting model on val CIDEr-D,
+#      (`captioner finetune`), kept only if an epoch beats the starting model on val CIDEr-D (else its
+#      best.safetensors is that starting model),
 #   5. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/,
 #   6. build a caption memory of the training images for consensus re-ranking (`--memory`), beside the run
 #      (it holds the dataset's captions, so it stays out of checkpoints/); MEMORY=0 skips it.

@@ -21,7 +21,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig, ModelConfig, TrainConfig
 from captioner.decoding import decode
 from captioner.model import CaptionDecoder
-from captioner.training import BEST, LOG, train
+from captioner.train import BEST, LOG, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 

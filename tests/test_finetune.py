@@ -15,9 +15,8 @@ from captioner.config import DecodeConfig, FinetuneConfig
 from captioner.data import load_dataset
 from captioner.encoders import get_encoder
 from captioner.features import encode_images
-from captioner.finetune import finetune
 from captioner.images import load_image
-from captioner.training import LAST, LOG
+from captioner.train import BEST, CURVES, LAST, LOG, CnnFinetuning, finetune
 
 CONFIG = FinetuneConfig(epochs=2, batch_images=4, encoder_lr=1e-3, warmup_steps=1, train_max_images=8,
                         val_max_images=4, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
@@ -41,6 +40,7 @@ def test_the_command_trains_the_cnn_and_the_result_loads_with_it(tiny_run, tmp_p
                  "--val-images", "4", "--batch-images", "4", "--encoder-lr", "1e-3", "--warmup-steps", "1"]) == 0
     log = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0, 1] and log[1]["train_loss"] > 0
+    assert (out / BEST).is_file() and (out / CURVES).is_file()
     _, metadata = read_raw(out / LAST)
     encoder = json.loads(metadata["encoder"])
     packaged = get_encoder("efficientnet_lite0")
@@ -76,3 +76,28 @@ def test_resume_with_other_settings_is_refused(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         finetune(tiny_run["checkpoint"], dataset.split("train"), dataset.split("val"), tmp_path,
                  FinetuneConfig(epochs=3, train_max_images=8, val_max_images=4), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_a_run_that_never_beats_its_start_stops_early_and_returns_the_start(tiny_run, tmp_path, monkeypatch):
+    """Early stopping, curves and a best.safetensors that always exists: the starting model, as it was."""
+    scores = iter([0.5, 0.4])  # epoch 0 (the start), then epoch 1 does worse; patience 1 stops there
+
+    def scripted(self, model):
+        score = next(scores)
+        return {"BLEU-4": score / 2, "CIDEr-D": score}
+
+    monkeypatch.setattr(CnnFinetuning, "validate", scripted)
+    dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
+    config = FinetuneConfig(epochs=3, batch_images=4, train_max_images=4, warmup_steps=1, patience=1)
+    best = finetune(tiny_run["checkpoint"], dataset.split("train"), dataset.split("val"), tmp_path, config,
+                    progress=False)
+    log = [json.loads(line) for line in (tmp_path / LOG).read_text().splitlines()]
+    assert [(entry["epoch"], entry["best"]) for entry in log] == [(0, True), (1, False)]
+    assert best == tmp_path / BEST and (tmp_path / CURVES).is_file()
+    start, chosen = read_raw(tiny_run["checkpoint"]), read_raw(best)
+    assert json.loads(chosen[1]["encoder"]) == json.loads(start[1]["encoder"])  # the start's CNN, unchanged
+    assert not any(k.startswith("encoder.") for k in chosen[0])
+    for key, value in start[0].items():
+        assert torch.equal(chosen[0][key], value), key
+    assert "fine_tuned_from" in json.loads(read_raw(tmp_path / LAST)[1]["encoder"])  # epoch 1 did change it

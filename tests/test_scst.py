@@ -17,25 +17,20 @@ from captioner.data.records import CaptionRecord
 from captioner.decoding import beam_search
 from captioner.metrics import CiderD, CiderDReward
 from captioner.model import CaptionDecoder
-from captioner.scst import (
-    BEST,
-    CURVES,
-    LAST,
-    LOG,
-    ScstConfig,
-    _draw,
+from captioner.text import Vocabulary, tokenize
+from captioner.train import BEST, CURVES, LAST, LOG, ScstConfig, SelfCritical, Trainer, encode_split
+from captioner.train.scst import (
     advantages,
     beam_candidates,
     caption_log_probs,
     caption_words,
+    draw,
     mean_reward,
     reference_tokens,
     sample_captions,
     set_dropout,
     train_scst,
 )
-from captioner.text import Vocabulary, tokenize
-from captioner.training import encode_split
 
 
 @pytest.fixture(autouse=True)
@@ -227,7 +222,7 @@ def test_sampled_log_probs_match_teacher_forcing(tmp_path):
 
 def test_draw_follows_the_probabilities():
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(40000, -1)
-    drawn = _draw(probs, torch.Generator().manual_seed(0))
+    drawn = draw(probs, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(drawn, minlength=4).double() / len(drawn)
     assert frequencies[1] == 0
     assert frequencies.tolist() == pytest.approx([0.2, 0.0, 0.5, 0.3], abs=0.01)
@@ -418,3 +413,31 @@ def test_scst_keeps_the_checkpoints_own_cnn_and_refuses_a_cache_of_another(tmp_p
     for path in (best, tmp_path / "run" / LAST):
         carried = load_checkpoint(path).encoder_state
         assert carried is not None and all(torch.equal(carried[k], v) for k, v in cnn.items()), path
+
+
+@pytest.mark.slow
+def test_scst_stops_early_keeps_the_best_epoch_and_refuses_torchrun_and_amp(tmp_path, monkeypatch):
+    init = _pretrained(tmp_path / "init.safetensors")
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])  # epochs 0..4; patience 2 stops after epoch 3
+
+    def scripted(self, model):
+        score = next(scores)
+        return {"BLEU-4": score / 2, "CIDEr-D": score}
+
+    monkeypatch.setattr(SelfCritical, "validate", scripted)
+    records, features = _records("train")
+    val_records, val_features = _records("val")
+    config = ScstConfig(epochs=6, batch_images=4, samples_per_image=3, lr=1e-3, patience=2, seed=3,
+                        val_decode=DecodeConfig(strategy="greedy"))
+    best = train_scst(records, features, val_records, val_features, tmp_path / "run", init, config, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / LOG).read_text().splitlines()]
+    assert [(entry["epoch"], entry["best"]) for entry in log] == [(0, True), (1, True), (2, False), (3, False)]
+    assert load_checkpoint(best).info["epoch"] == 1
+    assert json.loads(read_raw(tmp_path / "run" / LAST)[1]["training_state"])["epoch"] == 3
+
+    objective = SelfCritical(records, features, val_records, val_features, init, config)
+    with pytest.raises(ValueError, match="--amp: SCST runs in float32"):
+        Trainer(objective, tmp_path / "amp", amp="bf16")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="SCST runs in one process; start it without torchrun"):
+        Trainer(objective, tmp_path / "ddp")

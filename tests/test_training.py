@@ -9,7 +9,7 @@ from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.config import DecodeConfig, ModelConfig, TrainConfig
 from captioner.data.records import CaptionRecord
 from captioner.model import CaptionDecoder
-from captioner.training import BEST, CURVES, LAST, LOG, WeightAverage, learning_rate, train
+from captioner.train import BEST, CURVES, LAST, LOG, WeightAverage, learning_rate, train
 
 WORDS = ["dog", "cat", "man", "woman", "runs", "sits", "on", "the", "grass", "beach", "red", "blue"]
 

@@ -1,4 +1,5 @@
-"""The doors: the `captioner` command (cli), batch captioning of files (batch) and the web demo (demo).
+"""The doors: the `captioner` command (cli: its flags; commands: what each command does), batch captioning
+of files (batch) and the web demo (demo).
 
 They parse input, call the library and format output. Nothing in the library imports them.
 """

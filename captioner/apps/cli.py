@@ -1,6 +1,5 @@
-"""`captioner <command>`: argument parsing only; every command calls into the library.
-
-Heavy modules (torch and what needs it) are imported inside the commands, so `captioner --help` starts fast.
+"""`captioner <command>`: argument parsing only; each command is a function of `captioner.apps.commands`,
+which calls into the library.
 
 Exit status: 0 success; 1 the job ran but some inputs failed (e.g. unreadable images); 2 bad usage
 or unusable inputs (a missing checkpoint, a broken data file).
@@ -11,7 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, RerankConfig, TrainConfig, options_for
+from captioner.apps import commands
+from captioner.config import (
+    DecodeConfig,
+    FinetuneConfig,
+    ModelConfig,
+    RerankConfig,
+    ScstConfig,
+    TrainConfig,
+)
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam") -> None:
@@ -42,13 +49,6 @@ def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> N
                        help="weight of the beam score beside the consensus")
 
 
-def rerank_config(args: argparse.Namespace) -> RerankConfig | None:
-    return RerankConfig.from_command(vars(args))
-
-
-def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    return options_for(DecodeConfig, vars(args))
-
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--data", required=required,
@@ -62,188 +62,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
                         help="skip invalid entries of the data files (reported with counts) instead of stopping")
 
 
-def load_data(args: argparse.Namespace):
-    from captioner import distributed
-    from captioner.data import load_dataset
-
-    dataset = load_dataset(args.data, layout=args.layout, images_dir=args.images,
-                           skip_invalid=args.skip_invalid, karpathy_split=args.karpathy_split)
-    if dataset.report and distributed.is_main():  # once per torchrun group
-        print(dataset.report.summary(), file=sys.stderr)
-    return dataset
-
-
-# ------------------------------------------------------------------------------------------ commands
-def cmd_features(args: argparse.Namespace) -> int:
-    from captioner import distributed
-    from captioner.features import extract_features, feature_run_encoder
-    from captioner.utils import resolve_device
-
-    device = resolve_device(args.device)
-    with distributed.session(device, backend="gloo"):  # under torchrun: one shard of the images per rank
-        dataset = load_data(args)
-        splits = args.splits.split(",")
-        records = [r for r in dataset.records if r.split in splits]
-        encoder = feature_run_encoder(args.encoder, args.encoder_weights, args.allow_random_weights,
-                                      args.from_checkpoint)
-        cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
-                                 num_workers=args.workers, device=device)
-        distributed.print0(f"{len(cache)} image features in {args.out}")
-    return 1 if cache.meta.get("failed") else 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from captioner import distributed
-    from captioner.utils import resolve_device
-
-    device = resolve_device(args.device)
-    with distributed.session(device):  # under torchrun: data-parallel (NCCL on CUDA, gloo on the CPU)
-        if args.scst and distributed.is_distributed():
-            raise ValueError("--scst runs in one process; start it without torchrun")
-        return _train(args, device)
-
-
-def _train(args: argparse.Namespace, device) -> int:
-    from captioner import distributed
-    from captioner.training import autocast_dtype, train_on_cache
-
-    autocast_dtype(args.amp, device)  # refuse a bad --amp before reading any data
-    dataset = load_data(args)
-    if args.scst:
-        if args.ema_decay:
-            raise ValueError("--ema-decay averages cross-entropy training; --scst does not use it")
-        return _train_scst(args, dataset)
-    if args.init_from:
-        raise ValueError("--init-from goes with --scst (fine-tuning a trained checkpoint)")
-    defaults = TrainConfig()
-    config = TrainConfig(epochs=args.epochs or defaults.epochs, batch_size=args.batch_size,
-                         lr=args.lr or defaults.lr, seed=args.seed,
-                         label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
-                         patience=args.patience, val_max_images=args.val_images, ema_decay=args.ema_decay,
-                         val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
-    model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
-                    "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
-    best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume,
-                          device=device, amp=args.amp)
-    distributed.print0(f"best checkpoint: {best}")
-    return 0
-
-
-def _train_scst(args: argparse.Namespace, dataset) -> int:
-    from captioner.scst import ScstConfig, train_scst
-    from captioner.training import cached_splits
-
-    if not args.init_from:
-        raise ValueError("--scst fine-tunes a trained model: give its checkpoint with --init-from")
-    splits = cached_splits(dataset, args.features)
-    defaults = ScstConfig()
-    config = ScstConfig(epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr,
-                        samples_per_image=args.scst_samples, batch_images=args.scst_batch_images,
-                        baseline=args.scst_baseline, candidates=args.scst_candidates, dropout=args.scst_dropout,
-                        patience=args.patience,
-                        seed=args.seed,
-                        val_max_images=args.val_images,
-                        val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
-    features_encoder = splits.pop("encoder")
-    best = train_scst(**splits, out_dir=args.out, init_checkpoint=args.init_from, config=config,
-                      resume=args.resume, features_encoder=features_encoder)
-    print(f"best checkpoint: {best}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import os
-
-    from captioner.evaluation import evaluate_checkpoint
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("evaluate runs in one process; start it without torchrun")
-    rerank = rerank_config(args)
-    dataset = load_data(args)
-    report = evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
-                                 features_dir=args.features, batch_size=args.batch_size, device=args.device,
-                                 coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
-                                 rerank=rerank)
-    return 1 if report["skipped_images"] else 0
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    from captioner import distributed
-    from captioner.apps.batch import caption_paths, caption_paths_sharded
-    from captioner.utils import resolve_device
-
-    options = dict(checkpoint=args.checkpoint, config=decode_config(args), output=args.output,
-                   recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
-                   num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
-    rerank = rerank_config(args)
-    with distributed.session(resolve_device(args.device), backend="gloo"):
-        if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
-            return caption_paths_sharded(args.paths, memory=args.memory, **options)
-    return caption_paths(args.paths, memory=args.memory, rerank=rerank, **options)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from captioner.apps.demo import launch
-
-    launch(args.checkpoint, host=args.host, port=args.port, share=args.share,
-           memory=args.memory, rerank=rerank_config(args))
-    return 0
-
-
-def cmd_memory(args: argparse.Namespace) -> int:
-    from captioner.checkpoint import default_checkpoint, load_checkpoint
-    from captioner.evaluation import build_memory
-    from captioner.utils import resolve_device
-
-    dataset = load_data(args)
-    checkpoint = load_checkpoint(args.checkpoint or default_checkpoint())
-    memory = build_memory(dataset, args.split, checkpoint, args.features or [], args.batch_size,
-                          resolve_device(args.device))
-    memory.save(args.out)
-    captions = sum(len(texts) for texts in memory.captions)
-    print(f"caption memory of {len(memory)} {args.split} images ({captions} captions) for {checkpoint.path}: {args.out}")
-    return 0
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    import torch
-
-    from captioner.finetune import finetune
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dataset = load_data(args)
-    config = FinetuneConfig(epochs=args.epochs, batch_images=args.batch_images, encoder_lr=args.encoder_lr,
-                            decoder_lr=args.decoder_lr, warmup_steps=args.warmup_steps,
-                            label_smoothing=args.label_smoothing, flip=not args.no_flip, seed=args.seed,
-                            val_max_images=args.val_images, train_max_images=args.train_images,
-                            val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
-    best = finetune(args.checkpoint, dataset.split("train"), dataset.split("val"), args.out, config,
-                    resume=args.resume)
-    print(f"best checkpoint: {best}" if best.exists() else f"no better checkpoint than {args.checkpoint}")
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    import json
-
-    from captioner.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(args.checkpoint)
-    print(json.dumps({"path": str(checkpoint.path), "config": checkpoint.model.config.__dict__,
-                      "vocab_size": len(checkpoint.vocab), "encoder": checkpoint.encoder,
-                      "info": checkpoint.info}, indent=2))
-    return 0
-
 
 def build_parser() -> argparse.ArgumentParser:
     from captioner import __version__
 
     parser = argparse.ArgumentParser(prog="captioner", description="Caption images with a CNN + LSTM model.")
     parser.add_argument("--version", action="version", version=f"captioner {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("caption", help="caption image files, folders and globs")
+    p = subcommands.add_parser("caption", help="caption image files, folders and globs")
     p.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--checkpoint", default=None, help="default: the shipped Flickr8k checkpoint")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
@@ -258,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_decode_arguments(p)
     add_rerank_arguments(p, "a caption memory (`captioner memory`): re-rank beam candidates by consensus")
-    p.set_defaults(func=cmd_caption)
+    p.set_defaults(func=commands.cmd_caption)
 
-    p = commands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
+    p = subcommands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="a checkpoint; several are decoded jointly as an ensemble (one shared vocabulary)")
     add_data_arguments(p)
@@ -276,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_arguments(p)
     add_rerank_arguments(p, "re-rank beam candidates by consensus with a caption memory: a file made by "
                             "`captioner memory`, or 'train' to build one from --data's train split")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=commands.cmd_evaluate)
 
-    p = commands.add_parser("memory", help="build a caption memory (training images' features and captions) "
+    p = subcommands.add_parser("memory", help="build a caption memory (training images' features and captions) "
                                            "for consensus re-ranking")
     add_data_arguments(p)
     p.add_argument("--checkpoint", default=None, help="whose CNN makes the features (default: the shipped Flickr8k checkpoint)")
@@ -287,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the memory file (.safetensors); it holds the dataset's captions")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_memory)
+    p.set_defaults(func=commands.cmd_memory)
 
-    p = commands.add_parser("features", help="compute and cache CNN features for a dataset")
+    p = subcommands.add_parser("features", help="compute and cache CNN features for a dataset")
     add_data_arguments(p)
     p.add_argument("--encoder", default=None, help="default: efficientnet_lite0")
     p.add_argument("--encoder-weights", default=None, help="a local weights file for the encoder")
@@ -302,19 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_features)
+    p.set_defaults(func=commands.cmd_features)
 
-    p = commands.add_parser("train", help="train a decoder on cached features")
+    p = subcommands.add_parser("train", help="train a decoder on cached features")
     add_data_arguments(p)
-    defaults, model_defaults = TrainConfig(), ModelConfig(vocab_size=0)
+    defaults, model_defaults, scst_defaults = TrainConfig(), ModelConfig(vocab_size=0), ScstConfig()
     p.add_argument("--features", required=True, help="feature cache made by `captioner features`")
     p.add_argument("--out", required=True, help="run folder (checkpoints, log, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"default: {defaults.epochs} (cross-entropy), 10 (--scst)")
+                   help=f"default: {defaults.epochs} (cross-entropy), {scst_defaults.epochs} (--scst)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="captions per update over all processes (under torchrun each takes its share)")
-    p.add_argument("--lr", type=float, default=None, help=f"default: {defaults.lr} (cross-entropy), 5e-5 (--scst)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: {defaults.lr} (cross-entropy), {scst_defaults.lr} (--scst)")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
     p.add_argument("--patience", type=int, default=defaults.patience)
@@ -336,22 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     scst = p.add_argument_group("self-critical fine-tuning (SCST, reward = CIDEr-D)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init-from with SCST instead of XE training")
     scst.add_argument("--init-from", default=None, help="the cross-entropy checkpoint to fine-tune")
-    scst.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
-    scst.add_argument("--scst-batch-images", type=int, default=50, help="images per update")
-    scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default="mean",
+    scst.add_argument("--scst-samples", type=int, default=scst_defaults.samples_per_image,
+                      help="sampled captions per image")
+    scst.add_argument("--scst-batch-images", type=int, default=scst_defaults.batch_images, help="images per update")
+    scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default=scst_defaults.baseline,
                       help="mean reward of the other samples, or the greedy caption's reward")
-    scst.add_argument("--scst-candidates", choices=["sample", "beam"], default="sample",
+    scst.add_argument("--scst-candidates", choices=["sample", "beam"], default=scst_defaults.candidates,
                       help="the captions rewarded: sampled, or each image's best beams (beam size "
                            "--scst-samples, mean baseline)")
     scst.add_argument("--scst-dropout", type=float, default=None,
                       help="dropout rate while sampling (default: the XE model's own)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=commands.cmd_train)
 
-    p = commands.add_parser("finetune", help="fine-tune the CNN together with a trained decoder, on images")
+    p = subcommands.add_parser("finetune", help="fine-tune the CNN together with a trained decoder, on images")
     p.add_argument("checkpoint", help="the trained checkpoint to start from")
     add_data_arguments(p)
     f_defaults = FinetuneConfig()
-    p.add_argument("--out", required=True, help="run folder (best/last checkpoints, log)")
+    p.add_argument("--out", required=True, help="run folder (best/last checkpoints, log, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--epochs", type=int, default=f_defaults.epochs)
     p.add_argument("--batch-images", type=int, default=f_defaults.batch_images,
@@ -361,14 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=f_defaults.warmup_steps)
     p.add_argument("--label-smoothing", type=float, default=f_defaults.label_smoothing)
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips of training images")
+    p.add_argument("--patience", type=int, default=f_defaults.patience,
+                   help="epochs without val CIDEr-D gain (over the start too) before stopping")
     p.add_argument("--seed", type=int, default=f_defaults.seed)
     p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
     p.add_argument("--train-images", type=int, default=None, help="train on the first N images (smoke runs)")
     p.add_argument("--val-beam-size", type=int, default=f_defaults.val_decode.beam_size)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=commands.cmd_finetune)
 
-    p = commands.add_parser("demo", help="start the Gradio web demo (also: python demo/app.py)")
+    p = subcommands.add_parser("demo", help="start the Gradio web demo (also: python demo/app.py)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file or folder (default: the shipped Flickr8k model)")
     p.add_argument("--host", default="127.0.0.1",
@@ -376,12 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     add_rerank_arguments(p, "a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=commands.cmd_demo)
 
-    p = commands.add_parser("info", help="print a checkpoint's settings and scores")
+    p = subcommands.add_parser("info", help="print a checkpoint's settings and scores")
     p.add_argument("checkpoint")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=commands.cmd_info)
     return parser
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 def fuse_batchnorm_into_conv(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d into the Conv2d registered just before it in the same parent.
 
-    That sibling order holds for `captioner.efficientnet_lite`, timm's EfficientNets and torchvision
+    That sibling order holds for `captioner.encoders.efficientnet_lite`, timm's EfficientNets and torchvision
     ResNets; `get_encoder` checks the fused model against the original on a random batch all the same.
     timm's BatchNormAct2d keeps its activation. Returns how many pairs were folded. In place; for inference only.
     """

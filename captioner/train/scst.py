@@ -2,7 +2,7 @@
 
 For each batch of training images, K captions per image are sampled from the model's own distribution
 (with gradients), each is rewarded with its CIDEr-D against that image's references (document
-frequencies fixed by the training references, `CiderDReward`), and the loss is
+frequencies fixed by the training references, `CiderD(corpus_references)`), and the loss is
 
     loss = -mean over samples of (reward - baseline) * sum of the sample's token log-probs (<end> incl.)
 
@@ -18,82 +18,37 @@ policy gradient but a re-ranking one: among the captions beam search would actua
 it raises the ones the references score higher. It also avoids the rare-word noise that sampling draws
 from a model trained with label smoothing (about one token in ten).
 
-The run folder is laid out like `captioner.training`'s (last.safetensors to resume, best.safetensors
-chosen by val CIDEr-D from real beam decoding, log.jsonl, curves.png). Epoch 0 in the log is the
-initial (XE) model, validated before any update, and it competes for best.safetensors: the run never
-hands back a model that validates worse than the one it started from. The image order of epoch e
-depends only on (seed, e), sampling and dropout draw from torch's global RNG, whose state is saved with
-every checkpoint, so a run interrupted after epoch k and resumed ends with the same weights.
+SCST is an objective of the one trainer (captioner.train.trainer): the run folder, resume, best/last,
+the log, curves and early stopping are the trainer's. Epoch 0 in the log is the initial (XE) model,
+validated before any update, and it competes for best.safetensors: the run never hands back a model
+that validates worse than the one it started from. Sampling and dropout draw from torch's global RNG,
+whose state is saved with every checkpoint, so a run interrupted after epoch k and resumed ends with the
+same weights.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from captioner.checkpoint import CheckpointError, load_checkpoint, read_raw, save_checkpoint
-from captioner.config import DecodeConfig, to_dict
+from captioner.checkpoint import load_checkpoint
+from captioner.config import DecodeConfig, ScstConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.decoding import beam_search, greedy
-from captioner.metrics import CiderDReward
+from captioner.evaluation import validate
+from captioner.metrics.cider import CiderD
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary, tokenize
-from captioner.training import (
-    BEST,
-    CURVES,
-    LAST,
-    LOG,
-    _optimizer_tensors,
-    _plot_curves,
-    _restore_optimizer,
-    validate,
-)
-from captioner.utils import progress_bar, write_text_atomic
-
-
-@dataclass
-class ScstConfig:
-    """Settings of the self-critical fine-tuning stage."""
-
-    epochs: int = 10
-    batch_images: int = 50  # images per update; each contributes samples_per_image captions
-    samples_per_image: int = 5
-    lr: float = 5e-5  # constant: a small step away from the XE optimum, which CIDEr-D rewards can wreck
-    weight_decay: float = 0.0  # no pull towards zero while fine-tuning
-    max_length: int = 16  # sampled tokens, <end> included
-    grad_clip: float = 5.0  # max global gradient norm
-    baseline: Literal["mean", "greedy"] = "mean"
-    candidates: Literal["sample", "beam"] = "sample"  # beam: the K best beams (length penalty of val_decode)
-    dropout: float | None = None  # None: keep the XE model's dropout while sampling; else use this rate
-    patience: int = 3  # epochs without val CIDEr-D improvement before stopping
-    seed: int = 0
-    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
-    val_max_images: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.baseline not in ("mean", "greedy"):
-            raise ValueError(f"ScstConfig.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
-        if self.candidates not in ("sample", "beam"):
-            raise ValueError(f"ScstConfig.candidates must be 'sample' or 'beam', got {self.candidates!r}")
-        if self.candidates == "beam" and self.baseline != "mean":
-            raise ValueError("beam candidates are compared with each other: use the mean baseline")
-        if self.baseline == "mean" and self.samples_per_image < 2:
-            raise ValueError("the mean baseline averages the other samples of an image: samples_per_image "
-                             f"must be at least 2, got {self.samples_per_image}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"ScstConfig.dropout must be in [0, 1) or None, got {self.dropout}")
-        if self.samples_per_image < 1 or self.batch_images < 1 or self.max_length < 1 or self.epochs < 0:
-            raise ValueError("samples_per_image, batch_images and max_length must be at least 1, epochs >= 0")
+from captioner.train.trainer import Objective, Trainer
 
 
 @dataclass
@@ -130,7 +85,7 @@ def sample_captions(model: CaptionDecoder, image_features: Tensor, vocab: Vocabu
     for t in range(max_length):
         log_probs, state = model.step(tokens_in, state)  # (running, V)
         allowed = log_probs.detach().index_fill(1, banned, float("-inf"))
-        chosen = _draw(allowed.softmax(dim=1), generator)  # (running,)
+        chosen = draw(allowed.softmax(dim=1), generator)  # (running,)
         total = total.index_add(0, running, log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1))
         tokens[running, t] = chosen
         lengths[running] += 1
@@ -152,7 +107,7 @@ def set_dropout(model: CaptionDecoder, rate: float) -> None:
         model.lstm.dropout = rate
 
 
-def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One token per row of probs (rows, V) by inverse CDF: one uniform per row, where `torch.multinomial`
     draws an exponential per vocabulary entry (a seventh of an SCST step's time on a 2.5k vocabulary)."""
     cumulative = probs.double().cumsum(dim=1)  # (rows, V); float64 keeps the tail's rounding negligible
@@ -236,7 +191,7 @@ def caption_log_probs(model: CaptionDecoder, image_features: Tensor, captions: l
     return sums[order.argsort().to(device)]
 
 
-def _beam_scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, features: Tensor,
+def beam_scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderD, features: Tensor,
                     image_indices: Tensor, config: ScstConfig) -> dict[str, Any]:
     """Reward the K best beams of each image against the mean of the others; loss with gradients."""
     captions, finished = beam_candidates(model, features, vocab, config.samples_per_image, config.max_length,
@@ -258,8 +213,8 @@ def _beam_scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDRewa
             "score_seconds": score_seconds}
 
 
-def _scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, features: Tensor,
-               image_indices: Tensor, config: ScstConfig) -> dict[str, Any]:
+def sample_scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderD, features: Tensor,
+                     image_indices: Tensor, config: ScstConfig) -> dict[str, Any]:
     """Sample, reward, and return the loss (with gradients) and batch statistics."""
     samples = config.samples_per_image
     sampled = sample_captions(model, features, vocab, samples, config.max_length)
@@ -282,11 +237,125 @@ def _scst_step(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, f
             "score_seconds": score_seconds}
 
 
+class SelfCritical(Objective):
+    """SCST: reward each image's sampled (or beam) captions with CIDEr-D against a baseline; init: a
+    cross-entropy checkpoint. Runs in one process, in float32."""
+
+    name = "SCST"
+    label = "scst "
+    validates_start = True
+    curve = ("mean_reward", "SCST: mean CIDEr-D of sampled captions (train)", "reward")
+
+    def __init__(self, train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
+                 val_features: Tensor, init_checkpoint: str | Path, config: ScstConfig,
+                 features_encoder: dict[str, Any] | None = None) -> None:
+        self.config, self.init_checkpoint, self.features_encoder = config, init_checkpoint, features_encoder or {}
+        self.train_records, self.train_features = train_records, train_features.float()
+        limit = config.val_max_images or len(val_records)
+        self.val_records, self.val_features = val_records[:limit], val_features[:limit]
+
+    def prepare(self, device: torch.device, amp: str | None) -> None:
+        config = self.config
+        self.device = device
+        self.initial = initial = load_checkpoint(self.init_checkpoint, device=device)
+        self.model, self.vocab = initial.model, initial.vocab
+        if config.dropout is not None:  # the rate used while sampling; saved checkpoints keep the XE config
+            set_dropout(self.model, config.dropout)
+        if self.train_features.size(1) != self.model.config.feature_dim:
+            raise ValueError(f"{initial.path}: the decoder expects {self.model.config.feature_dim}-dim image "
+                             f"features, but the training features have {self.train_features.size(1)}; use the "
+                             "feature cache of the encoder the checkpoint was trained with")
+        cache_hash, model_hash = self.features_encoder.get("weights_hash"), initial.encoder.get("weights_hash")
+        if cache_hash and model_hash and cache_hash != model_hash:
+            raise ValueError(f"{initial.path}: trained on CNN weights {model_hash}, but the feature cache was made "
+                             f"with {cache_hash}; make a cache with `captioner features --from-checkpoint "
+                             f"{initial.path}`")
+        scorer_start = time.perf_counter()
+        self.scorer = CiderD(reference_tokens(self.train_records))
+        print(f"reward: CIDEr-D with document frequencies of {len(self.train_records)} training images "
+              f"({time.perf_counter() - scorer_start:.1f}s to index)")
+
+    @property
+    def examples(self) -> int:
+        return len(self.train_records)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.examples / self.config.batch_images)
+
+    def settings(self) -> dict[str, Any]:
+        return {"scst_config": self.config}
+
+    def run_info(self) -> dict[str, Any]:
+        initial = self.initial
+        return {"stage": "scst", "scst_config": to_dict(self.config), "seed": self.config.seed,
+                "init_checkpoint": str(initial.path), "init_info": initial.info,
+                "data_fingerprint": initial.info.get("data_fingerprint"), "train_images": self.examples}
+
+    def encoder(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        return self.initial.encoder, self.initial.encoder_state  # the checkpoint's own CNN, passed on unchanged
+
+    def start_epoch(self) -> None:
+        # Train mode: dropout stays on while sampling (the usual SCST practice), at the XE rate unless
+        # `config.dropout` sets another. It keeps regularising, as SCST overfits the training references'
+        # CIDEr-D easily, and each sample draws its own mask, which adds exploration; but at the XE rate
+        # (0.5 on the word, the image and the output) the sampled captions are much worse than what the
+        # model writes at test time. Validation decodes in eval mode (`decode_features` switches).
+        self.model.train()
+        self.reward_sum = self.loss_sum = self.greedy_sum = self.length_sum = self.score_seconds = 0.0
+        self.sample_count = 0
+
+    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """(features, training-image indices) of each batch of images."""
+        for step in range(self.steps_per_epoch):
+            image_indices = order[step * self.config.batch_images:(step + 1) * self.config.batch_images]
+            yield self.train_features[image_indices].to(self.device), image_indices
+
+    def loss(self, batch: tuple[Tensor, Tensor], module: torch.nn.Module, autocast: Callable[[], Any]) -> Tensor:
+        features, image_indices = batch
+        step = beam_scst_step if self.config.candidates == "beam" else sample_scst_step
+        result = step(self.model, self.vocab, self.scorer, features, image_indices, self.config)
+        rows = result["rewards"].numel()
+        self.reward_sum += float(result["rewards"].sum())
+        self.loss_sum += result["loss"].item() * rows
+        self.length_sum += float(result["lengths"].sum())
+        if result["greedy_rewards"] is not None:
+            self.greedy_sum += float(result["greedy_rewards"].sum()) * self.config.samples_per_image
+        self.score_seconds += result["score_seconds"]
+        self.sample_count += rows
+        return result["loss"]
+
+    def epoch_stats(self, train_seconds: float) -> dict[str, Any]:
+        stats = {"mean_reward": self.reward_sum / self.sample_count, "loss": self.loss_sum / self.sample_count,
+                 "mean_sample_length": self.length_sum / self.sample_count,
+                 "reward_seconds": round(self.score_seconds, 2),
+                 "images_per_second": round(self.examples / train_seconds, 1)}
+        if self.config.baseline == "greedy":
+            stats["mean_greedy_reward"] = self.greedy_sum / self.sample_count
+        return stats
+
+    def start_entry(self) -> dict[str, Any]:
+        return {"mean_reward": None, "loss": None, "lr": self.config.lr}
+
+    def summary(self, entry: dict[str, Any]) -> str:
+        return f"mean reward {entry['mean_reward']:.3f}"
+
+    def postfix(self) -> dict[str, str]:
+        return {"reward": f"{self.reward_sum / max(1, self.sample_count):.3f}"}
+
+    def describe(self) -> str:
+        return (f"SCST on {self.examples} images, {self.config.samples_per_image} samples each, "
+                f"{self.config.baseline} baseline; {self.steps_per_epoch} updates per epoch")
+
+    def validate(self, model: CaptionDecoder) -> dict[str, float]:
+        return validate(model, self.vocab, self.val_records, self.val_features, self.config.val_decode)
+
+
 def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
                val_features: Tensor, out_dir: str | Path, init_checkpoint: str | Path, config: ScstConfig | None = None,
                resume: bool = False, progress: bool = True,
                on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-               features_encoder: dict[str, Any] | None = None) -> Path:
+               features_encoder: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> Path:
     """Fine-tune the decoder of `init_checkpoint` with SCST; returns the path of the best checkpoint.
 
     `train_features` / `val_features` hold one row per record, in order, from the same encoder the
@@ -295,138 +364,13 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
     written here. `on_epoch_end` is called with each epoch's log entry after the checkpoint is written
     (used to stop runs in tests).
     """
-    config = config or ScstConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    initial = load_checkpoint(init_checkpoint)
-    model, vocab = initial.model, initial.vocab
-    if config.dropout is not None:  # the rate used while sampling; saved checkpoints keep the XE config
-        set_dropout(model, config.dropout)
-    if train_features.size(1) != model.config.feature_dim:
-        raise ValueError(f"{initial.path}: the decoder expects {model.config.feature_dim}-dim image features, "
-                         f"but the training features have {train_features.size(1)}; use the feature cache of "
-                         "the encoder the checkpoint was trained with")
-    cache_hash, model_hash = (features_encoder or {}).get("weights_hash"), initial.encoder.get("weights_hash")
-    if cache_hash and model_hash and cache_hash != model_hash:
-        raise ValueError(f"{initial.path}: trained on CNN weights {model_hash}, but the feature cache was made with "
-                         f"{cache_hash}; make a cache with `captioner features --from-checkpoint {initial.path}`")
-    train_features = train_features.float()
-    scorer_start = time.perf_counter()
-    scorer = CiderDReward(reference_tokens(train_records))
-    print(f"reward: CIDEr-D with document frequencies of {len(train_records)} training images "
-          f"({time.perf_counter() - scorer_start:.1f}s to index)")
-    # Weight decay off by default: AdamW's decoupled decay would pull the XE weights towards zero.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    num_images = len(train_records)
-    steps_per_epoch = math.ceil(num_images / config.batch_images)
-    run_info = {"stage": "scst", "scst_config": to_dict(config), "seed": config.seed,
-                "init_checkpoint": str(initial.path), "init_info": initial.info,
-                "data_fingerprint": initial.info.get("data_fingerprint"), "train_images": num_images}
-    limit = config.val_max_images or len(val_records)
-    val_records, val_features = val_records[:limit], val_features[:limit]
-    history: list[dict[str, Any]] = []
-    start_epoch, best_cider, bad_epochs = 1, -1.0, 0
-
-    last_path = out_dir / LAST
-    if resume and last_path.exists():
-        tensors, metadata = read_raw(last_path)
-        state = json.loads(metadata.get("training_state", "null") or "null")
-        saved = json.loads(metadata.get("info", "{}"))
-        if state is None or saved.get("stage") != "scst":
-            raise CheckpointError(f"{last_path}: not an SCST training-state checkpoint; use a new --out folder")
-        if saved.get("scst_config") != run_info["scst_config"] or json.loads(metadata["config"]) != to_dict(model.config):
-            raise CheckpointError(f"{last_path}: the run was started with other settings; resume it with the "
-                                  "same settings, or use a new --out folder")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        _restore_optimizer(optimizer, tensors)
-        torch.set_rng_state(tensors["rng.torch"])
-        history, best_cider, bad_epochs = state["history"], state["best_cider"], state["bad_epochs"]
-        start_epoch = state["epoch"] + 1
-        print(f"resuming {out_dir} after epoch {state['epoch']} (best val CIDEr-D {best_cider:.4f})")
-    elif resume:
-        print(f"nothing to resume in {out_dir}: starting a new run")
-
-    def finish_epoch(entry: dict[str, Any]) -> None:
-        nonlocal best_cider, bad_epochs
-        history.append(entry)
-        improved = entry["val"]["CIDEr-D"] > best_cider
-        best_cider, bad_epochs = (entry["val"]["CIDEr-D"], 0) if improved else (best_cider, bad_epochs + 1)
-        entry["best"] = improved
-        info = {**run_info, "epoch": entry["epoch"], "val_metrics": entry["val"],
-                "val_decode": to_dict(config.val_decode)}
-        if improved:
-            save_checkpoint(out_dir / BEST, model, vocab, initial.encoder, info, encoder_state=initial.encoder_state)
-        training_state = {"epoch": entry["epoch"], "history": history, "best_cider": best_cider,
-                          "bad_epochs": bad_epochs}
-        save_checkpoint(out_dir / LAST, model, vocab, initial.encoder, info, encoder_state=initial.encoder_state,
-                        extra_tensors={**_optimizer_tensors(optimizer), "rng.torch": torch.get_rng_state()},
-                        extra_metadata={"training_state": training_state})
-        write_text_atomic(out_dir / LOG, "".join(json.dumps(h) + "\n" for h in history))
-        _plot_curves(history, out_dir / CURVES, left_key="mean_reward",
-                     left_title="SCST: mean CIDEr-D of sampled captions (train)", left_label="reward")
-
-    if not history:  # epoch 0: the initial model, the score SCST has to beat
-        val_start = time.perf_counter()
-        val_scores = validate(model, vocab, val_records, val_features, config)
-        finish_epoch({"epoch": 0, "mean_reward": None, "loss": None, "lr": config.lr, "val": val_scores,
-                      "val_seconds": round(time.perf_counter() - val_start, 2)})
-        print(f"initial model: val BLEU-4 {val_scores['BLEU-4'] * 100:.1f}  CIDEr-D {val_scores['CIDEr-D'] * 100:.1f}")
-
-    print(f"SCST on {num_images} images, {config.samples_per_image} samples each, {config.baseline} baseline; "
-          f"{steps_per_epoch} updates per epoch")
-    for epoch in range(start_epoch, config.epochs + 1):
-        if bad_epochs >= config.patience:
-            break
-        # Train mode: dropout stays on while sampling (the usual SCST practice), at the XE rate unless
-        # `config.dropout` sets another. It keeps regularising, as SCST overfits the training references'
-        # CIDEr-D easily, and each sample draws its own mask, which adds exploration; but at the XE rate
-        # (0.5 on the word, the image and the output) the sampled captions are much worse than what the
-        # model writes at test time. Validation decodes in eval mode (`validate` switches).
-        model.train()
-        epoch_start = time.perf_counter()
-        reward_sum = loss_sum = greedy_sum = length_sum = score_seconds = 0.0
-        sample_count = 0
-        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        bar = progress_bar(range(steps_per_epoch), desc=f"scst epoch {epoch}", enabled=progress)
-        for step_in_epoch in bar:
-            image_indices = order[step_in_epoch * config.batch_images:(step_in_epoch + 1) * config.batch_images]
-            step = _beam_scst_step if config.candidates == "beam" else _scst_step
-            batch = step(model, vocab, scorer, train_features[image_indices], image_indices, config)
-            optimizer.zero_grad(set_to_none=True)
-            batch["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            rows = batch["rewards"].numel()
-            reward_sum += float(batch["rewards"].sum())
-            loss_sum += batch["loss"].item() * rows
-            length_sum += float(batch["lengths"].sum())
-            if batch["greedy_rewards"] is not None:
-                greedy_sum += float(batch["greedy_rewards"].sum()) * config.samples_per_image
-            score_seconds += batch["score_seconds"]
-            sample_count += rows
-            if progress and step_in_epoch % 10 == 0:
-                bar.set_postfix(reward=f"{reward_sum / sample_count:.3f}")
-        train_seconds = time.perf_counter() - epoch_start
-        val_start = time.perf_counter()
-        val_scores = validate(model, vocab, val_records, val_features, config)
-        entry = {"epoch": epoch, "mean_reward": reward_sum / sample_count, "loss": loss_sum / sample_count,
-                 "lr": config.lr, "val": val_scores, "mean_sample_length": length_sum / sample_count,
-                 "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - val_start, 2),
-                 "reward_seconds": round(score_seconds, 2),
-                 "images_per_second": round(num_images / train_seconds, 1)}
-        if config.baseline == "greedy":
-            entry["mean_greedy_reward"] = greedy_sum / sample_count
-        finish_epoch(entry)
-        print(f"scst epoch {epoch}: mean reward {entry['mean_reward']:.3f}  val BLEU-4 "
-              f"{val_scores['BLEU-4'] * 100:.1f}  CIDEr-D {val_scores['CIDEr-D'] * 100:.1f}"
-              f"{'  (best)' if entry['best'] else ''}  {train_seconds:.0f}s train, {entry['val_seconds']:.0f}s val")
-        if on_epoch_end is not None:
-            on_epoch_end(entry)
-    return out_dir / BEST
+    objective = SelfCritical(train_records, train_features, val_records, val_features, init_checkpoint,
+                             config or ScstConfig(), features_encoder)
+    return Trainer(objective, out_dir, resume=resume, device=device, progress=progress,
+                   on_epoch_end=on_epoch_end).run()
 
 
-def mean_reward(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderDReward, features: Tensor,
+def mean_reward(model: CaptionDecoder, vocab: Vocabulary, scorer: CiderD, features: Tensor,
                 samples_per_image: int, max_length: int, seed: int = 0) -> float:
     """Mean CIDEr-D of captions sampled from the model in eval mode (no gradients): a progress probe."""
     was_training = model.training
