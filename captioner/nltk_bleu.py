@@ -10,7 +10,7 @@ nltk is imported on first use only, so commands that never score pay nothing for
 from __future__ import annotations
 
 import string
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 NLTK_BLEU_LABEL = "nltk corpus_bleu (tutorial-comparable)"
 TOKENISATION = "lowercase, ASCII punctuation deleted, split on whitespace"
@@ -22,11 +22,11 @@ def tutorial_tokens(text: str) -> list[str]:
     return text.lower().translate(_DELETE_PUNCTUATION).split()
 
 
-def nltk_corpus_bleu(references: Mapping[Hashable, Sequence[str]],
-                     hypotheses: Mapping[Hashable, str]) -> dict[str, float]:
+def nltk_corpus_bleu(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],
+                     tokenize: Callable[[str], list[str]] = tutorial_tokens) -> dict[str, float]:
     """{"BLEU-1": ..., "BLEU-4": ...} on a 0..1 scale: nltk's `corpus_bleu` with uniform weights 1/n over
-    n = 1..N and no smoothing, on `tutorial_tokens` of every caption. `references` maps each image id to
-    its reference captions, `hypotheses` the same ids to one caption each."""
+    n = 1..N and no smoothing, on `tokenize` of every caption (default: the tutorials' tokens).
+    `references` maps each image id to its reference captions, `hypotheses` the same ids to one caption."""
     from nltk.translate.bleu_score import corpus_bleu
 
     if set(references) != set(hypotheses):
@@ -37,7 +37,7 @@ def nltk_corpus_bleu(references: Mapping[Hashable, Sequence[str]],
     if empty:
         raise ValueError(f"images without references: {sorted(map(str, empty))[:5]}")
     ids = list(references)
-    list_of_references = [[tutorial_tokens(caption) for caption in references[i]] for i in ids]
-    tokenised_hypotheses = [tutorial_tokens(hypotheses[i]) for i in ids]
+    list_of_references = [[tokenize(caption) for caption in references[i]] for i in ids]
+    tokenised_hypotheses = [tokenize(hypotheses[i]) for i in ids]
     return {f"BLEU-{n}": float(corpus_bleu(list_of_references, tokenised_hypotheses, weights=(1 / n,) * n))
             for n in range(1, 5)}

@@ -1,8 +1,10 @@
 """nltk's corpus_bleu beside the headline BLEU: same numbers as nltk called directly, and in `evaluate`."""
 
+import importlib.util
 import json
 
 import pytest
+from conftest import REPO_ROOT
 from nltk.translate.bleu_score import corpus_bleu
 
 from captioner.cli import main
@@ -57,6 +59,7 @@ def test_refuses_mismatched_images():
         nltk_corpus_bleu({1: []}, {1: "a dog"})
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_evaluate_reports_it_beside_the_headline(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
@@ -74,3 +77,14 @@ def test_evaluate_reports_it_beside_the_headline(tiny_run, tmp_path, capsys):
     predictions = {p["image_id"]: p["caption"] for p in json.loads((out / "predictions.json").read_text())}
     assert len(predictions) == report["images"]
     assert NLTK_BLEU_LABEL in (out / "report.html").read_text()
+
+    # scripts/compare_bleu.py reads the same predictions back and prints the same two rows
+    spec = importlib.util.spec_from_file_location("compare_bleu", REPO_ROOT / "scripts" / "compare_bleu.py")
+    compare_bleu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_bleu)
+    assert compare_bleu.main([str(out / "predictions.json"), "--data", str(tiny_run["data"]), "--images",
+                             str(tiny_run["images"]), "--split", "test"]) == 0
+    rows = {line.split("  ")[1].strip()[3:]: line.split()[-4:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[NLTK_BLEU_LABEL] == [f"{nltk_bleu['scores'][f'BLEU-{n}'] * 100:.2f}" for n in range(1, 5)]
+    assert rows["coco-caption (captioner.metrics, headline)"] == [f"{report['scores'][f'BLEU-{n}'] * 100:.2f}"
+                                                                  for n in range(1, 5)]
