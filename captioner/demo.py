@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # 40 megapixels
 # Simultaneous visitors are captioned together: one CNN batch of up to MAX_BATCH_SIZE photos (gathered for
-# GATHER_SECONDS after the first arrives), one decoder call per decoding setting. A batch of 16 takes about
-# 0.3 s with greedy and 0.6 s with beam 3 on a 2-core CPU, so MAX_PENDING = 64 admitted visitors (4 batches)
-# wait a few seconds at most; the rest are told at once that the demo is busy.
+# GATHER_SECONDS after the first arrives), one decoder call per decoding setting. The queue admits
+# MAX_PENDING visitors, four full batches: the last of them waits for four batch times, a few seconds on a
+# 2-core CPU (scripts/load_demo.py prints the batch times); the rest are told at once that the demo is busy.
 MAX_BATCH_SIZE = 16
 MAX_PENDING = 64
 GATHER_SECONDS = 0.005
@@ -255,11 +255,13 @@ def example_paths(examples_dir: str | Path | None = EXAMPLES_DIR) -> list[Path]:
     return sorted(p for p in Path(examples_dir).iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
 
 
-def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR) -> gr.Blocks:
-    """The demo page for an already loaded Captioner, with Gradio's queue set up."""
+def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR,
+              predictor: BatchedPredictor | None = None) -> gr.Blocks:
+    """The demo page for an already loaded Captioner, with Gradio's queue set up. `predictor`: the Caption
+    button's handler (default: a BatchedPredictor with the demo's settings; pass one to watch its batches)."""
     import gradio as gr
 
-    caption_upload = BatchedPredictor(captioner)
+    caption_upload = predictor or BatchedPredictor(captioner)
 
     def show_controls(strategy):
         return (gr.update(visible=strategy == "beam"), gr.update(visible=strategy == "sample"),
@@ -306,6 +308,11 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           examples_dir: str | Path | None = EXAMPLES_DIR, prevent_thread_lock: bool = False) -> None:
     """Start the server. Only the example photos are added to what Gradio may serve."""
+    # Gradio imports matplotlib inside its event loop on the first event it runs (to pin the "agg"
+    # backend), which stalls every connection for seconds; pay that before the first visitor instead.
+    import matplotlib
+
+    matplotlib.use("agg")
     allowed = [str(path.resolve()) for path in example_paths(examples_dir)]
     app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed,
                max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock,

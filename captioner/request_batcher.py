@@ -44,6 +44,7 @@ class RequestBatcher(Generic[Request, Answer]):
         self.gather_seconds = gather_seconds
         self.idle_seconds = idle_seconds
         self.batch_sizes: list[int] = []  # of every batch served, for tests and benchmarks
+        self.batch_seconds: list[float] = []  # how long handle_batch took for each
         self._waiting: deque[tuple[Request, Future]] = deque()
         self._pending = 0  # admitted and not yet answered: waiting + being served
         self._lock = threading.Condition()
@@ -87,6 +88,7 @@ class RequestBatcher(Generic[Request, Answer]):
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
             requests = [request for request, _ in batch]
+            started = time.perf_counter()
             try:
                 answers = list(self.handle_batch(requests))
                 if len(answers) != len(requests):
@@ -97,6 +99,7 @@ class RequestBatcher(Generic[Request, Answer]):
                 failure = None
             with self._lock:
                 self.batch_sizes.append(len(batch))
+                self.batch_seconds.append(time.perf_counter() - started)
                 self._pending -= len(batch)
             for index, (_, future) in enumerate(batch):
                 if failure is None:
