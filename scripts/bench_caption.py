@@ -11,6 +11,12 @@
 4. With --memory M (a caption memory from `captioner memory`): the steady state and the demo latency
    again with consensus re-ranking (default settings), after the plain figures above.
 
+    python scripts/bench_caption.py --startup [--runs 5]
+
+measures start-up alone: the wall time of `captioner caption one.jpg` (a fresh process: imports, model
+load, one beam-3 caption) against `python -c "import torch, PIL, numpy"`, the floor any PyTorch
+captioner pays, each run --runs times alternately; prints the medians and their ratio (target <= 1.5).
+
 The throughput figures are measured in --rounds rounds (default 3), each timing the command, the steady
 state and the bare CNN one after the other, so that a slow spell of a shared machine hits both sides of a
 ratio; the medians are printed, with the range of the per-round ratios.
@@ -82,6 +88,24 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
     return seconds
 
 
+def startup_seconds(runs: int, checkpoint: str) -> tuple[float, float]:
+    """Median wall seconds of a bare `import torch, PIL, numpy` and of `captioner caption one.jpg` (one of the
+    demo's example photos, in a temporary folder), run alternately so a slow spell hits both."""
+    example = Path(__file__).resolve().parents[1] / "demo" / "examples" / "cat.jpg"
+    imports, captions = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        photo = Path(tmp) / "one.jpg"
+        photo.write_bytes(example.read_bytes())
+        commands = {"imports": [sys.executable, "-c", "import torch, PIL, numpy"],
+                    "caption": [sys.executable, "-m", "captioner", "caption", str(photo), "--checkpoint", checkpoint]}
+        for _ in range(runs):
+            for name, times in (("imports", imports), ("caption", captions)):
+                start = time.perf_counter()
+                subprocess.run(commands[name], check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                times.append(time.perf_counter() - start)
+    return statistics.median(imports), statistics.median(captions)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/flickr8k-lite0")
@@ -92,7 +116,18 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also time the steady state with other pipeline settings, side by side")
     parser.add_argument("--memory", default=None, help="also time consensus re-ranking with this caption memory")
+    parser.add_argument("--startup", action="store_true",
+                        help="only time start-up: `captioner caption one.jpg` against `import torch, PIL, numpy`")
+    parser.add_argument("--runs", type=int, default=5, help="--startup: runs of each command (medians printed)")
     args = parser.parse_args()
+    if args.startup:
+        imports, caption = startup_seconds(args.runs, str(Path(args.checkpoint).resolve()))
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+              f"medians of {args.runs} runs, alternating")
+        print(f"   python -c 'import torch, PIL, numpy': {imports:.2f} s")
+        print(f"   captioner caption one.jpg (beam 3):   {caption:.2f} s")
+        print(f"   ratio {caption / imports:.2f} (target <= 1.5)")
+        return
 
     from captioner.api import Captioner
     from captioner.batch import caption_paths
