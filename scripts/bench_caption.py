@@ -88,22 +88,28 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
     return seconds
 
 
-def startup_seconds(runs: int, checkpoint: str) -> tuple[float, float]:
-    """Median wall seconds of a bare `import torch, PIL, numpy` and of `captioner caption one.jpg` (one of the
-    demo's example photos, in a temporary folder), run alternately so a slow spell hits both."""
+def startup_seconds(runs: int, checkpoint: str) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, CPU seconds) of a bare `import torch, PIL, numpy` and of `captioner caption one.jpg`
+    (one of the demo's example photos, in a temporary folder), run alternately so a slow spell hits both. CPU
+    time (user + system, all threads) is printed too: on a machine shared with other jobs it moves less."""
     example = Path(__file__).resolve().parents[1] / "demo" / "examples" / "cat.jpg"
-    imports, captions = [], []
+    times: dict[str, list[tuple[float, float]]] = {"imports": [], "caption": []}
     with tempfile.TemporaryDirectory() as tmp:
         photo = Path(tmp) / "one.jpg"
         photo.write_bytes(example.read_bytes())
         commands = {"imports": [sys.executable, "-c", "import torch, PIL, numpy"],
                     "caption": [sys.executable, "-m", "captioner", "caption", str(photo), "--checkpoint", checkpoint]}
         for _ in range(runs):
-            for name, times in (("imports", imports), ("caption", captions)):
+            for name, command in commands.items():
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 start = time.perf_counter()
-                subprocess.run(commands[name], check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                times.append(time.perf_counter() - start)
-    return statistics.median(imports), statistics.median(captions)
+                subprocess.run(command, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall = time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                times[name].append((wall, cpu))
+    return {name: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
+            for name, values in times.items()}
 
 
 def main() -> None:
@@ -121,12 +127,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="--startup: runs of each command (medians printed)")
     args = parser.parse_args()
     if args.startup:
-        imports, caption = startup_seconds(args.runs, str(Path(args.checkpoint).resolve()))
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-              f"medians of {args.runs} runs, alternating")
-        print(f"   python -c 'import torch, PIL, numpy': {imports:.2f} s")
-        print(f"   captioner caption one.jpg (beam 3):   {caption:.2f} s")
-        print(f"   ratio {caption / imports:.2f} (target <= 1.5)")
+        medians = startup_seconds(args.runs, str(Path(args.checkpoint).resolve()))
+        (imports, imports_cpu), (caption, caption_cpu) = medians["imports"], medians["caption"]
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
+              f"{os.getloadavg()[0]:.1f}; medians of {args.runs} runs, alternating")
+        print(f"   python -c 'import torch, PIL, numpy': {imports:.2f} s wall, {imports_cpu:.2f} s CPU")
+        print(f"   captioner caption one.jpg (beam 3):   {caption:.2f} s wall, {caption_cpu:.2f} s CPU")
+        print(f"   ratio {caption / imports:.2f} wall (target <= 1.5), {caption_cpu / imports_cpu:.2f} CPU")
         return
 
     from captioner.api import Captioner
