@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from captioner.config import DecodeConfig
 from captioner.inference import Caption, decode_features
 from captioner.rerank import ConsensusReranker, RerankConfig, reranker_for
@@ -45,16 +45,15 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
                         encoder_weights: str | Path | None = None, memory: str | Path | None = None,
                         rerank: RerankConfig | None = None) -> Captioner:
-        """Load a checkpoint (default: the shipped Flickr8k model) and the CNN its encoder entry names.
+        """Load a checkpoint (default: `default_checkpoint_path()`, $CAPTIONER_CHECKPOINT or the shipped Flickr8k
+        model) and the CNN its encoder entry names.
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
         re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
         from captioner.encoder import checkpoint_encoder
 
         if path is None:
-            from captioner.cli import default_checkpoint
-
-            path = default_checkpoint()
+            path = default_checkpoint_path()
         device_ = resolve_device(device)
         checkpoint = load_checkpoint(path, device=device_)
         # a checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash

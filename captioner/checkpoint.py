@@ -13,6 +13,7 @@ previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ from captioner.utils import atomic_replace
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
+SHIPPED_CHECKPOINT = "flickr8k-lite0"
+CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
+# Where the shipped checkpoint is: inside the installed package (a wheel, sdist or `pip install .`; setup.py
+# copies it there), else in the checkpoints/ folder of the git checkout this package runs from (editable).
+PACKAGED_CHECKPOINT = Path(__file__).resolve().parent / "_checkpoints" / SHIPPED_CHECKPOINT
+REPOSITORY_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / SHIPPED_CHECKPOINT
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
 
 
@@ -45,6 +52,20 @@ class Checkpoint:
     # The CNN's weights when the checkpoint carries its own (a fine-tuned CNN, tensors `encoder.*`);
     # None: the encoder entry's default weights (e.g. the packaged ImageNet ones), checked by weights_hash.
     encoder_state: dict[str, torch.Tensor] | None = None
+
+
+def default_checkpoint_path() -> Path:
+    """The checkpoint to use when none is named: $CAPTIONER_CHECKPOINT when set, else the shipped Flickr8k
+    model, inside the installed package or in the git checkout's checkpoints/ folder, from any working
+    directory. (A --checkpoint option, where a door has one, wins over both.)"""
+    if os.environ.get(CHECKPOINT_ENV):
+        return Path(os.environ[CHECKPOINT_ENV])
+    for folder in (PACKAGED_CHECKPOINT, REPOSITORY_CHECKPOINT):
+        if (folder / MODEL_FILE).is_file():
+            return folder
+    raise CheckpointError(f"the shipped checkpoint is not installed (looked in {PACKAGED_CHECKPOINT} and "
+                          f"{REPOSITORY_CHECKPOINT}); reinstall captioner from a wheel, sdist or git checkout, "
+                          f"or name one with --checkpoint or ${CHECKPOINT_ENV}")
 
 
 def resolve(path: str | Path) -> Path:

@@ -16,13 +16,10 @@ DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"
 
 
 def default_checkpoint() -> Path:
-    """The shipped checkpoint: $CAPTIONER_CHECKPOINT, else the repository's checkpoints/ folder."""
-    import os
+    """The checkpoint a command uses without --checkpoint (captioner.checkpoint.default_checkpoint_path)."""
+    from captioner.checkpoint import default_checkpoint_path
 
-    if os.environ.get("CAPTIONER_CHECKPOINT"):
-        return Path(os.environ["CAPTIONER_CHECKPOINT"])
-    repo_copy = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT
-    return repo_copy if repo_copy.exists() else Path(DEFAULT_CHECKPOINT)
+    return default_checkpoint_path()
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam") -> None:
@@ -193,7 +190,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("evaluate runs in one process; start it without torchrun")
     rerank = rerank_config(args)
     dataset = load_data(args)
-    report = evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
+    checkpoints = args.checkpoint or [default_checkpoint()]
+    report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), out_dir=args.out,
                                  features_dir=args.features, batch_size=args.batch_size, device=args.device,
                                  coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
                                  rerank=rerank)
@@ -305,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caption)
 
     p = commands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
-    p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="a checkpoint; several are decoded jointly as an ensemble (one shared vocabulary)")
+    p.add_argument("--checkpoint", default=None, nargs="+",
+                   help="a checkpoint; several are decoded jointly as an ensemble (one shared vocabulary); "
+                        f"default: the shipped {DEFAULT_CHECKPOINT}")
     add_data_arguments(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--features", default=None, nargs="+",
@@ -417,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = commands.add_parser("demo", help="start the Gradio web demo")
-    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--checkpoint", default=None, help=f"default: the shipped {DEFAULT_CHECKPOINT}")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
