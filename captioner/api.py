@@ -48,7 +48,8 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
                         encoder_weights: str | Path | None = None, memory: str | Path | None = None,
                         rerank: RerankConfig | None = None) -> Captioner:
-        """Load a checkpoint (default: the shipped Flickr8k model) and the CNN its encoder entry names.
+        """Load a checkpoint (default: `default_checkpoint_path()`, $CAPTIONER_CHECKPOINT or the shipped Flickr8k
+        model) and the CNN its encoder entry names.
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
         re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""

@@ -9,7 +9,7 @@ that looks like a pickle or `torch.save` archive is refused before anything is p
 Writes go to a temporary file beside the target, then `os.replace`, so a crash mid-save leaves the
 previous checkpoint intact.
 
-`default_checkpoint` finds the shipped model; `load_for_inference` gives a checkpoint together with the CNN
+`default_checkpoint_path` finds the checkpoint to use when none is named; `load_for_inference` gives a checkpoint together with the CNN
 it was trained on (hash-checked), which is what every door that captions photos needs.
 """
 
@@ -33,7 +33,12 @@ from captioner.utils import atomic_replace
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
-DEFAULT_CHECKPOINT = "checkpoints/flickr8k-lite0"  # the shipped Flickr8k model, relative to the repository
+SHIPPED_CHECKPOINT = "flickr8k-lite0"
+CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
+# Where the shipped checkpoint is: inside the installed package (a wheel, sdist or `pip install .`; setup.py
+# copies it there), else in the checkpoints/ folder of the git checkout this package runs from (editable).
+PACKAGED_CHECKPOINT = Path(__file__).resolve().parent / "_checkpoints" / SHIPPED_CHECKPOINT
+REPOSITORY_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / SHIPPED_CHECKPOINT
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
 
 
@@ -51,6 +56,20 @@ class Checkpoint:
     # The CNN's weights when the checkpoint carries its own (a fine-tuned CNN, tensors `encoder.*`);
     # None: the encoder entry's default weights (e.g. the packaged ImageNet ones), checked by weights_hash.
     encoder_state: dict[str, torch.Tensor] | None = None
+
+
+def default_checkpoint_path() -> Path:
+    """The checkpoint to use when none is named: $CAPTIONER_CHECKPOINT when set, else the shipped Flickr8k
+    model, inside the installed package or in the git checkout's checkpoints/ folder, from any working
+    directory. (A --checkpoint option, where a door has one, wins over both.)"""
+    if os.environ.get(CHECKPOINT_ENV):
+        return Path(os.environ[CHECKPOINT_ENV])
+    for folder in (PACKAGED_CHECKPOINT, REPOSITORY_CHECKPOINT):
+        if (folder / MODEL_FILE).is_file():
+            return folder
+    raise CheckpointError(f"the shipped checkpoint is not installed (looked in {PACKAGED_CHECKPOINT} and "
+                          f"{REPOSITORY_CHECKPOINT}); reinstall captioner from a wheel, sdist or git checkout, "
+                          f"or name one with --checkpoint or ${CHECKPOINT_ENV}")
 
 
 def resolve(path: str | Path) -> Path:
@@ -168,21 +187,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(model.to(device).eval(), vocab, encoder, info, path, encoder_state or None)
 
 
-def default_checkpoint() -> Path:
-    """The shipped checkpoint: $CAPTIONER_CHECKPOINT, else the repository's checkpoints/ folder."""
-    if os.environ.get("CAPTIONER_CHECKPOINT"):
-        return Path(os.environ["CAPTIONER_CHECKPOINT"])
-    repo_copy = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT
-    return repo_copy if repo_copy.exists() else Path(DEFAULT_CHECKPOINT)
-
-
 def load_for_inference(path: str | Path | None = None, device: str | torch.device = "cpu",
                        encoder_weights: str | Path | None = None) -> tuple[Checkpoint, Encoder]:
     """A checkpoint (default: the shipped one) and the CNN its encoder entry names, both on `device`.
 
     A checkpoint with a fine-tuned CNN carries its weights; others name the default ones by hash, and
     `encoder_weights` (a local file) replaces them, checked against that hash."""
-    checkpoint = load_checkpoint(default_checkpoint() if path is None else path, device=device)
+    checkpoint = load_checkpoint(default_checkpoint_path() if path is None else path, device=device)
     encoder = checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state,
                                  weights=encoder_weights)
     encoder.to(device)

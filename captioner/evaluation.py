@@ -2,6 +2,7 @@
 
 Every image of the split is decoded for real (batched), its caption scored against all of its
 references with BLEU-1..4, CIDEr-D and ROUGE-L (captioner.metrics, which agrees with coco-caption),
+with nltk's corpus_bleu beside them for comparison with tutorials (captioner.metrics.nltk_bleu),
 and the out folder receives:
   report.json        scores, decoding settings, checkpoint and data fingerprints, image count, timing
   predictions.json   COCO results format [{"image_id", "caption"}], scorable by the official toolkit
@@ -29,7 +30,8 @@ from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
 from captioner.features.records import record_features
 from captioner.inference import decode_features
-from captioner.metrics import METRIC_NAMES, score_captions
+from captioner.metrics import METRIC_NAMES, captions_by_image, compute_scores, score_captions
+from captioner.metrics.nltk_bleu import NLTK_BLEU_LABEL, TOKENISATION, nltk_corpus_bleu
 from captioner.model import CaptionDecoder
 from captioner.rerank import CaptionMemory, RerankConfig, reranker_for
 from captioner.text import Vocabulary
@@ -45,11 +47,12 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """Scores ×100 as an aligned text table, one row per named result."""
+    """Scores ×100 as an aligned text table, one row per named result ("-" where a row lacks a metric)."""
     name_width = max(12, *(len(name) for name in rows))
     lines = [f"{'':{name_width}}" + "".join(f"{m:>9}" for m in METRIC_NAMES)]
     for name, scores in rows.items():
-        lines.append(f"{name:{name_width}}" + "".join(f"{scores[m] * 100:9.1f}" for m in METRIC_NAMES))
+        lines.append(f"{name:{name_width}}" + "".join(f"{scores[m] * 100:9.1f}" if m in scores else f"{'-':>9}"
+                                                      for m in METRIC_NAMES))
     return "\n".join(lines)
 
 
@@ -127,13 +130,17 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     decode_start = time.perf_counter()
     captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250, reranker=reranker)
     decode_seconds = time.perf_counter() - decode_start
-    scores = score_captions(records, captions)
+    references, hypotheses = captions_by_image(records, captions)
+    scores = compute_scores(references, hypotheses)
     corpus = {m: scores[m] for m in METRIC_NAMES}
+    tutorial_bleu = nltk_corpus_bleu(references, hypotheses)  # beside the headline, for tutorial readers
     label = f"beam {config.beam_size}" if config.strategy == "beam" else config.strategy
     if reranker is not None:
         label = f"beam {reranker.config.candidates} + consensus re-ranking"
     report = {
         "split": split, "images": len(records), "skipped_images": problems, "scores": corpus,
+        "nltk_bleu": {"label": NLTK_BLEU_LABEL, "tokenisation": TOKENISATION, "smoothing": "none",
+                      "scores": tutorial_bleu},
         "decoding": asdict(config), "checkpoint": str(checkpoint.path),
         **({"rerank": {**asdict(reranker.config), "memory_images": len(reranker.memory)}} if reranker else {}),
         "checkpoint_sha256": file_fingerprint(checkpoint.path), "data": getattr(dataset, "source", None),
@@ -146,10 +153,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     if not quiet:
         name = str(checkpoint.path) if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)} checkpoints"
         print(f"{name} on {split} ({len(records)} images), {label}:")
-        print(format_table({label: corpus}))
+        print(format_table({label: corpus, NLTK_BLEU_LABEL: tutorial_bleu}))
     if coco_eval:
-        report["coco_eval"] = run_coco_eval({r.image_id: r.captions for r in records},
-                                            {r.image_id: c[0].text for r, c in zip(records, captions, strict=True)})
+        report["coco_eval"] = run_coco_eval(references, hypotheses)
     if out_dir is not None:
         out = Path(out_dir)
         predictions = [{"image_id": coco_result_id(r), "caption": c[0].text} for r, c in zip(records, captions, strict=True)]
@@ -163,7 +169,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
                       "references": r.captions, "cider": per_image[r.image_id]["CIDEr-D"]}
                      for r, c in zip(records, captions, strict=True)]
             write_html_report(out / "report.html", items, title=f"{Path(checkpoint.path).name} on {split}",
-                              scores=corpus)
+                              scores=corpus, notes={f"{NLTK_BLEU_LABEL}, BLEU-1..4 ×100": " / ".join(
+                                  f"{value * 100:.1f}" for value in tutorial_bleu.values())})
         if not quiet:
             print(f"wrote {out}/report.json, predictions.json" + (", report.html" if html else ""))
     return report

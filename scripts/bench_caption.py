@@ -11,6 +11,12 @@
 4. With --memory M (a caption memory from `captioner memory`): the steady state and the demo latency
    again with consensus re-ranking (default settings), after the plain figures above.
 
+    python scripts/bench_caption.py --startup [--runs 5]
+
+measures start-up alone: the wall time of `captioner caption one.jpg` (a fresh process: imports, model
+load, one beam-3 caption) against `python -c "import torch, PIL, numpy"`, the floor any PyTorch
+captioner pays, each run --runs times alternately; prints the medians and their ratio (target <= 1.5).
+
 The throughput figures are measured in --rounds rounds (default 3), each timing the command, the steady
 state and the bare CNN one after the other, so that a slow spell of a shared machine hits both sides of a
 ratio; the medians are printed, with the range of the per-round ratios.
@@ -82,6 +88,30 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
     return seconds
 
 
+def startup_seconds(runs: int, checkpoint: str) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, CPU seconds) of a bare `import torch, PIL, numpy` and of `captioner caption one.jpg`
+    (one of the demo's example photos, in a temporary folder), run alternately so a slow spell hits both. CPU
+    time (user + system, all threads) is printed too: on a machine shared with other jobs it moves less."""
+    example = Path(__file__).resolve().parents[1] / "demo" / "examples" / "cat.jpg"
+    times: dict[str, list[tuple[float, float]]] = {"imports": [], "caption": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        photo = Path(tmp) / "one.jpg"
+        photo.write_bytes(example.read_bytes())
+        commands = {"imports": [sys.executable, "-c", "import torch, PIL, numpy"],
+                    "caption": [sys.executable, "-m", "captioner", "caption", str(photo), "--checkpoint", checkpoint]}
+        for _ in range(runs):
+            for name, command in commands.items():
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                start = time.perf_counter()
+                subprocess.run(command, check=True, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall = time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                times[name].append((wall, cpu))
+    return {name: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
+            for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/flickr8k-lite0")
@@ -92,7 +122,19 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also time the steady state with other pipeline settings, side by side")
     parser.add_argument("--memory", default=None, help="also time consensus re-ranking with this caption memory")
+    parser.add_argument("--startup", action="store_true",
+                        help="only time start-up: `captioner caption one.jpg` against `import torch, PIL, numpy`")
+    parser.add_argument("--runs", type=int, default=5, help="--startup: runs of each command (medians printed)")
     args = parser.parse_args()
+    if args.startup:
+        medians = startup_seconds(args.runs, str(Path(args.checkpoint).resolve()))
+        (imports, imports_cpu), (caption, caption_cpu) = medians["imports"], medians["caption"]
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
+              f"{os.getloadavg()[0]:.1f}; medians of {args.runs} runs, alternating")
+        print(f"   python -c 'import torch, PIL, numpy': {imports:.2f} s wall, {imports_cpu:.2f} s CPU")
+        print(f"   captioner caption one.jpg (beam 3):   {caption:.2f} s wall, {caption_cpu:.2f} s CPU")
+        print(f"   ratio {caption / imports:.2f} wall (target <= 1.5), {caption_cpu / imports_cpu:.2f} CPU")
+        return
 
     from captioner.api import Captioner
     from captioner.apps.batch import caption_paths

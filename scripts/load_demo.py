@@ -7,7 +7,8 @@ Without --url the script starts the demo itself on 127.0.0.1 (a free port) and s
 checkpoint). Other hosts are refused. All requests go out at once through gradio_client, each uploading one
 of the example photos for greedy decoding; the script waits at most --timeout seconds, cancels whatever is
 left, prints latency p50 / p95 and checks that every response carries the caption `predict` gives for that
-photo when called directly.
+photo when called directly. When it started the demo itself, it also prints the batches the demo served
+them in (the demo captions simultaneous requests together, captioner.apps.demo.BatchedPredictor).
 
 Exit status: 0 every request answered with the right caption; 1 otherwise; 2 bad usage.
 """
@@ -50,13 +51,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_demo(captioner: Any, examples_dir: str | Path | None = None) -> tuple[Any, str]:
-    """Serve the demo for a loaded Captioner on 127.0.0.1 in this process: (app, url); `app.close()` stops it."""
+def start_demo(captioner: Any, examples_dir: str | Path | None = None, predictor: Any = None) -> tuple[Any, str]:
+    """Serve the demo for a loaded Captioner on 127.0.0.1 in this process: (app, url); `app.close()` stops it.
+    `predictor`: the Caption button's handler (a captioner.apps.demo.BatchedPredictor; default: the demo's own)."""
     from captioner.apps.demo import EXAMPLES_DIR, build_app, serve
 
     _keep_local_traffic_local()
     examples_dir = EXAMPLES_DIR if examples_dir is None else examples_dir
-    app = build_app(captioner, examples_dir)
+    app = build_app(captioner, examples_dir, predictor=predictor)
     port = _free_port()
     serve(app, host="127.0.0.1", port=port, examples_dir=examples_dir, prevent_thread_lock=True)
     return app, f"http://127.0.0.1:{port}/"
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from captioner.api import Captioner
-    from captioner.apps.demo import EXAMPLES_DIR, example_paths
+    from captioner.apps.demo import EXAMPLES_DIR, BatchedPredictor, example_paths
 
     images = example_paths(args.images or EXAMPLES_DIR)
     if not images:
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # CheckpointError, ImageLoadError, a wrong encoder: all name the file
         print(f"load_demo: {error}", file=sys.stderr)
         return 2
-    app, url = (None, args.url) if args.url else start_demo(captioner)
+    predictor = None if args.url else BatchedPredictor(captioner)
+    app, url = (None, args.url) if args.url else start_demo(captioner, predictor=predictor)
     try:
         started = time.perf_counter()
         responses = send_requests(url, images, args.requests, args.timeout)
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         if app is not None:
             app.close()
     print(summary)
+    if predictor is not None:
+        sizes, seconds = predictor.batcher.batch_sizes, predictor.batcher.batch_seconds
+        print(f"served in {len(sizes)} batches of {sizes} photos, captioning {sum(seconds):.2f} s in all "
+              f"({', '.join(f'{s:.2f}' for s in seconds)} s)")
     return 1 if wrong else 0
 
 

@@ -167,3 +167,62 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     for path in (checkpoint, tmp_path / "log.jsonl"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+# ------------------------------------------------------------------ finding the checkpoint to use by default
+@pytest.fixture
+def shipped_places(tmp_path, monkeypatch):
+    """Point the packaged and the repository locations at empty temporary folders."""
+    import captioner.checkpoint as checkpoint_module
+
+    packaged, repository = tmp_path / "site" / "flickr8k-lite0", tmp_path / "repo" / "flickr8k-lite0"
+    monkeypatch.setattr(checkpoint_module, "PACKAGED_CHECKPOINT", packaged)
+    monkeypatch.setattr(checkpoint_module, "REPOSITORY_CHECKPOINT", repository)
+    monkeypatch.delenv("CAPTIONER_CHECKPOINT", raising=False)
+    return packaged, repository
+
+
+def _put_model(folder):
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x")
+
+
+def test_default_checkpoint_prefers_the_environment_then_the_package_then_the_checkout(shipped_places, monkeypatch):
+    from captioner.checkpoint import default_checkpoint_path
+
+    packaged, repository = shipped_places
+    with pytest.raises(CheckpointError, match="not installed") as error:
+        default_checkpoint_path()
+    assert str(packaged) in str(error.value) and str(repository) in str(error.value)
+    assert "--checkpoint" in str(error.value) and "$CAPTIONER_CHECKPOINT" in str(error.value)
+    _put_model(repository)
+    assert default_checkpoint_path() == repository  # a git checkout (editable install)
+    _put_model(packaged)
+    assert default_checkpoint_path() == packaged  # an installed wheel or sdist
+    monkeypatch.setenv("CAPTIONER_CHECKPOINT", "/somewhere/else.safetensors")
+    assert str(default_checkpoint_path()) == "/somewhere/else.safetensors"
+
+
+def test_the_shipped_checkpoint_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    from captioner.checkpoint import MODEL_FILE, REPOSITORY_CHECKPOINT, default_checkpoint_path
+
+    if not (REPOSITORY_CHECKPOINT / MODEL_FILE).is_file():
+        pytest.skip("the shipped checkpoint is not in this checkout")
+    monkeypatch.delenv("CAPTIONER_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert (default_checkpoint_path() / MODEL_FILE).is_file()
+
+
+def test_checkpoint_option_beats_the_environment(shipped_places, tmp_path, monkeypatch, capsys):
+    from captioner.apps.cli import main
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"not used")
+    monkeypatch.setenv("CAPTIONER_CHECKPOINT", str(tmp_path / "from-env.safetensors"))
+    assert main(["caption", str(photo), "--checkpoint", str(tmp_path / "from-option.safetensors")]) == 2
+    assert "from-option.safetensors: no such checkpoint file" in capsys.readouterr().err
+    assert main(["caption", str(photo)]) == 2
+    assert "from-env.safetensors: no such checkpoint file" in capsys.readouterr().err
+    monkeypatch.delenv("CAPTIONER_CHECKPOINT")
+    assert main(["caption", str(photo)]) == 2  # nothing installed: says where it looked and what to do
+    assert "shipped checkpoint is not installed" in capsys.readouterr().err

@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_caption)
 
     p = subcommands.add_parser("evaluate", help="score a checkpoint on a dataset split (BLEU, CIDEr-D, ROUGE-L)")
-    p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="a checkpoint; several are decoded jointly as an ensemble (one shared vocabulary)")
+    p.add_argument("--checkpoint", default=None, nargs="+",
+                   help="a checkpoint; several are decoded jointly as an ensemble (one shared vocabulary); "
+                        "default: the shipped Flickr8k checkpoint")
     add_data_arguments(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--features", default=None, nargs="+",

@@ -106,13 +106,15 @@ def _train_scst(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import os
 
+    from captioner.checkpoint import default_checkpoint_path
     from captioner.evaluation import evaluate_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("evaluate runs in one process; start it without torchrun")
     rerank = rerank_config(args)
     dataset = load_data(args)
-    report = evaluate_checkpoint(args.checkpoint, dataset, args.split, decode_config(args), out_dir=args.out,
+    checkpoints = args.checkpoint or [default_checkpoint_path()]
+    report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), out_dir=args.out,
                                  features_dir=args.features, batch_size=args.batch_size, device=args.device,
                                  coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
                                  rerank=rerank)
@@ -143,12 +145,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from captioner.checkpoint import default_checkpoint, load_checkpoint
+    from captioner.checkpoint import default_checkpoint_path, load_checkpoint
     from captioner.evaluation import build_memory
     from captioner.utils import resolve_device
 
     dataset = load_data(args)
-    checkpoint = load_checkpoint(args.checkpoint or default_checkpoint())
+    checkpoint = load_checkpoint(args.checkpoint or default_checkpoint_path())
     memory = build_memory(dataset, args.split, checkpoint, args.features or [], args.batch_size,
                           resolve_device(args.device))
     memory.save(args.out)

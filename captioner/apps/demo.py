@@ -1,31 +1,49 @@
 """The Gradio web demo: upload a photo, pick a decoding strategy, read the captions.
 
 `predict` is a plain function (file path + settings -> caption Markdown + n-best rows), so it is
-tested without a browser; `build_app` lays it out in a `gr.Blocks` page; `serve` starts the server
-with the demo's safety settings; `launch` loads the checkpoint once and does both.
+tested without a browser; `predict_batch` serves several visitors with one CNN batch and one decoder
+call per decoding setting, and `BatchedPredictor` gathers simultaneous visitors into such batches;
+`build_app` lays it out in a `gr.Blocks` page; `serve` starts the server with the demo's safety
+settings; `launch` loads the checkpoint once and does both.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.api import Captioner
 from captioner.config import DecodeConfig
+from captioner.features.encode import encode_images
 from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from captioner.request_batcher import Busy, RequestBatcher
 
 if TYPE_CHECKING:
     import gradio as gr
     from PIL import Image
 
+    from captioner.inference import Caption
+
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # 40 megapixels
-CONCURRENCY = 2  # simultaneous captioning jobs; the rest wait in Gradio's queue
-MAX_QUEUE = 32  # waiting jobs beyond this are told the queue is full
+# Simultaneous visitors are captioned together: one CNN batch of up to MAX_BATCH_SIZE photos (gathered for
+# GATHER_SECONDS after the first arrives), one decoder call per decoding setting. The queue admits
+# MAX_PENDING visitors, four full batches: the last of them waits for four batch times, a few seconds on a
+# 2-core CPU (scripts/load_demo.py prints the batch times); the rest are told at once that the demo is busy.
+MAX_BATCH_SIZE = 16
+MAX_PENDING = 64
+GATHER_SECONDS = 0.005
+CONCURRENCY = 2  # the other jobs (previews of uploads) at once; the rest wait in Gradio's queue
+# Gradio hands each caption request to a thread of its own, so that the batcher sees them all: room for the
+# admitted ones plus as many again that get the "busy" answer; only a flood beyond MAX_QUEUE is refused by
+# Gradio itself ("Queue is full").
+CAPTION_THREADS = 2 * MAX_PENDING
+MAX_QUEUE = 2 * MAX_PENDING
 MAX_N_BEST = 5
 PREVIEW_SIZE = 512
 # Shipped example photos (public domain / CC0, see SOURCES.md); absent in a wheel install.
@@ -104,33 +122,87 @@ def _describe(config: DecodeConfig, captioner: Captioner | None = None) -> str:
     return "greedy decoding"
 
 
+@dataclass(frozen=True)
+class CaptionRequest:
+    """One visitor's press of **Caption**: the uploaded file and the decoding controls, as Gradio gives them."""
+
+    image_path: str | os.PathLike | None
+    strategy: str = "beam"
+    beam_size: int = 3
+    temperature: float = 1.0
+    seed: float | None = 0
+    n_best: int = 3
+
+
 def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy: str = "beam",
             beam_size: int = 3, temperature: float = 1.0, seed: float | None = 0,
             n_best: int = 3) -> tuple[str, list[Row]]:
     """Caption one uploaded file. Returns (Markdown: the best caption as a heading, or a friendly
     message when the file cannot be used; n-best rows [rank, caption, log-prob, score], best first).
     Never raises for a bad upload or bad settings."""
-    message, name = _check_upload(image_path)
-    if message is not None:
-        return message, []
-    try:
-        config, note = decode_settings(strategy, beam_size, temperature, seed, n_best)
-    except ValueError as error:
-        return _message("Those settings do not work together", _escape_markdown(str(error))), []
-    image, message = _load(image_path, name)
-    if image is None:
-        return message, []
-    try:
-        result = captioner.caption(image, config=config)[0]
-    except Exception:  # a bug, not the user's fault: log the traceback here, show no stack trace there
-        logger.exception("captioning %s failed", name)
-        return _message("Something went wrong while captioning",
-                        "The error was logged on the server. Please try another photo."), []
-    if result.error is not None or not result.captions:
-        reason = result.error.split(": ", 1)[-1] if result.error else "no caption was produced"
-        return _message("That photo could not be captioned", _escape_markdown(reason)), []
+    return predict_batch(captioner, [CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best)])[0]
 
-    best = result.captions[0]
+
+def predict_batch(captioner: Captioner, requests: list[CaptionRequest]) -> list[tuple[str, list[Row]]]:
+    """`predict` for several requests at once: one CNN batch for every usable photo, then one decoder call
+    per group of requests with the same settings (each sampling request alone, so that its seeded draw
+    does not depend on who else was in the batch). Answers in request order; never raises."""
+    answers: list[tuple[str, list[Row]] | None] = [None] * len(requests)
+    usable = []  # (request index, image, config, note, file name)
+    for index, request in enumerate(requests):
+        message, name = _check_upload(request.image_path)
+        if message is not None:
+            answers[index] = message, []
+            continue
+        try:
+            config, note = decode_settings(request.strategy, request.beam_size, request.temperature, request.seed,
+                                           request.n_best)
+        except ValueError as error:
+            answers[index] = _message("Those settings do not work together", _escape_markdown(str(error))), []
+            continue
+        image, message = _load(request.image_path, name)
+        if image is None:
+            answers[index] = message, []
+            continue
+        usable.append((index, image, config, note, name))
+    if usable:
+        try:
+            encoded = encode_images([image for _, image, _, _, _ in usable], captioner.encoder)
+            if encoded.failures:  # the photos loaded once already, so this is a bug too
+                raise RuntimeError(f"photos that loaded failed to load again: {encoded.failures}")
+            features = encoded.features  # (N, D)
+        except Exception:  # a bug, not the visitors' fault: log it here, show no stack trace there
+            logger.exception("the CNN failed on a batch of %d photos", len(usable))
+            for index, *_ in usable:
+                answers[index] = _went_wrong(), []
+            usable = []
+        groups: dict[Any, list[int]] = {}  # settings -> rows of `usable`
+        for row, (index, _, config, _, _) in enumerate(usable):
+            groups.setdefault(index if config.strategy == "sample" else repr(config), []).append(row)
+        for rows in groups.values():
+            config = usable[rows[0]][2]
+            try:
+                captions = captioner.caption_features(features[rows], config)
+            except Exception:
+                logger.exception("captioning %s failed", ", ".join(usable[row][4] for row in rows))
+                captions = [None] * len(rows)
+            for row, image_captions in zip(rows, captions, strict=True):
+                index, _, _, note, _ = usable[row]
+                answers[index] = (_went_wrong(), []) if image_captions is None else \
+                    _answer(captioner, config, note, image_captions)
+    return [answer if answer is not None else (_went_wrong(), []) for answer in answers]
+
+
+def _went_wrong() -> str:
+    return _message("Something went wrong while captioning",
+                    "The error was logged on the server. Please try another photo.")
+
+
+def _answer(captioner: Captioner, config: DecodeConfig, note: str, captions: list[Caption]) -> tuple[str, list[Row]]:
+    """The caption Markdown and n-best rows for one photo's captions (best first)."""
+    if not captions:
+        return _message("That photo could not be captioned", "no caption was produced"), []
+    best = captions[0]
     heading = best.text[:1].upper() + best.text[1:] if best.text else "(empty caption)"
     details = [_describe(config, captioner), f"log-prob {best.log_prob:.2f}"]
     if best.consensus is not None:
@@ -141,8 +213,30 @@ def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy
     if note:
         markdown += f"\n\n{_escape_markdown(note)}"
     rows = [[rank, caption.text + ("" if caption.finished else " …"), round(caption.log_prob, 3),
-             round(caption.score, 3)] for rank, caption in enumerate(result.captions, start=1)]
+             round(caption.score, 3)] for rank, caption in enumerate(captions, start=1)]
     return markdown, rows
+
+
+class BatchedPredictor:
+    """The demo's **Caption** handler: Gradio calls it from one thread per visitor; a RequestBatcher answers
+    the simultaneous ones with `predict_batch`, and tells visitors beyond `max_pending` the demo is busy."""
+
+    def __init__(self, captioner: Captioner, max_batch_size: int = MAX_BATCH_SIZE, max_pending: int = MAX_PENDING,
+                 gather_seconds: float = GATHER_SECONDS):
+        self.batcher = RequestBatcher(lambda requests: predict_batch(captioner, requests), max_batch_size,
+                                      max_pending, gather_seconds)
+
+    def __call__(self, image_path: str | os.PathLike | None, strategy: str = "beam", beam_size: int = 3,
+                 temperature: float = 1.0, seed: float | None = 0, n_best: int = 3) -> tuple[str, list[Row]]:
+        try:
+            return self.batcher.submit(CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best))
+        except Busy as busy:
+            waiting = f"{busy.pending} photo{'s' if busy.pending != 1 else ''}"
+            return _message("The demo is busy", f"{waiting} ahead of yours are being captioned. "
+                                                "Please try again in a few seconds."), []
+        except Exception:  # predict_batch never raises; anything here is a bug
+            logger.exception("the caption batcher failed")
+            return _went_wrong(), []
 
 
 def preview(image_path: str | os.PathLike | None) -> tuple[Image.Image | None, str]:
@@ -163,12 +257,13 @@ def example_paths(examples_dir: str | Path | None = EXAMPLES_DIR) -> list[Path]:
     return sorted(p for p in Path(examples_dir).iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
 
 
-def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR) -> gr.Blocks:
-    """The demo page for an already loaded Captioner, with Gradio's queue set up."""
+def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR,
+              predictor: BatchedPredictor | None = None) -> gr.Blocks:
+    """The demo page for an already loaded Captioner, with Gradio's queue set up. `predictor`: the Caption
+    button's handler (default: a BatchedPredictor with the demo's settings; pass one to watch its batches)."""
     import gradio as gr
 
-    def caption_upload(image_path, strategy, beam_size, temperature, seed, n_best):
-        return predict(captioner, image_path, strategy, beam_size, temperature, seed, n_best)
+    caption_upload = predictor or BatchedPredictor(captioner)
 
     def show_controls(strategy):
         return (gr.update(visible=strategy == "beam"), gr.update(visible=strategy == "sample"),
@@ -207,7 +302,7 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
                         api_visibility="private")
         photo.change(preview, photo, [shown, best], api_visibility="private")
         button.click(caption_upload, [photo, strategy, beam_size, temperature, seed, n_best], [best, table],
-                     api_name="caption")
+                     api_name="caption", concurrency_limit=CAPTION_THREADS)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE, api_open=False)
     return app
 
@@ -215,9 +310,15 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           examples_dir: str | Path | None = EXAMPLES_DIR, prevent_thread_lock: bool = False) -> None:
     """Start the server. Only the example photos are added to what Gradio may serve."""
+    # Gradio imports matplotlib inside its event loop on the first event it runs (to pin the "agg"
+    # backend), which stalls every connection for seconds; pay that before the first visitor instead.
+    import matplotlib
+
+    matplotlib.use("agg")
     allowed = [str(path.resolve()) for path in example_paths(examples_dir)]
     app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed,
                max_file_size=MAX_UPLOAD_BYTES, prevent_thread_lock=prevent_thread_lock,
+               max_threads=CAPTION_THREADS + 2 * CONCURRENCY,  # a thread per waiting caption request
                ssr_mode=False,  # client-side rendering: no Node.js needed
                enable_monitoring=False, mcp_server=False, run_history=False,
                footer_links=["api", "gradio", "settings"])
@@ -229,7 +330,7 @@ def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", p
     the demo until interrupted."""
     import torch
 
-    # CONCURRENCY jobs share the cores; more torch threads than cores makes every job crawl.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
+    # One batcher thread runs the CNN and the decoder for everybody: it may use every core.
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank)
     serve(build_app(captioner), host=host, port=port, share=share)

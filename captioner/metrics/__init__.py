@@ -4,18 +4,19 @@ Every scorer has `compute_score(references, hypotheses) -> (corpus_score, per_im
 `captioner.metrics.common`); `compute_scores` runs all of them. The numbers agree with coco-caption
 (pycocoevalcap) given the same tokens; see docs/metrics.md.
 
-    common   input checks, tokenisation, n-gram counts, METRIC_NAMES
-    bleu     Bleu
-    cider    CiderD: one engine; document frequencies from the scored set or from a fixed corpus
-    rouge    RougeL
-    scores   compute_scores (all metrics), score_captions (records + captions -> scores)
+    common     input checks, tokenisation, n-gram counts, METRIC_NAMES
+    bleu       Bleu
+    cider      CiderD: one engine; document frequencies from the scored set or from a fixed corpus
+    rouge      RougeL
+    scores     compute_scores (all metrics); captions_by_image, score_captions (records + captions -> scores)
+    nltk_bleu  nltk's corpus_bleu as tutorials report it, beside the headline BLEU (needs nltk)
 """
 
 from captioner.metrics.bleu import Bleu
 from captioner.metrics.cider import CiderD, CiderDReward
 from captioner.metrics.common import METRIC_NAMES, Hypotheses, References
 from captioner.metrics.rouge import RougeL
-from captioner.metrics.scores import compute_scores, score_captions
+from captioner.metrics.scores import captions_by_image, compute_scores, score_captions
 
 __all__ = ["METRIC_NAMES", "Bleu", "CiderD", "CiderDReward", "Hypotheses", "References", "RougeL",
-           "compute_scores", "score_captions"]
+           "captions_by_image", "compute_scores", "score_captions"]

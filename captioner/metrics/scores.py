@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from captioner.metrics.bleu import Bleu
@@ -36,11 +36,17 @@ def compute_scores(references: References, hypotheses: Hypotheses, *, tokenized:
     return scores
 
 
-def score_captions(records: Sequence[Any], captions: Sequence[str | Sequence[Any]]) -> dict:
-    """`compute_scores` of one caption per record against that record's references (`.image_id`,
-    `.captions`). `captions[i]` is a string, or an n-best list whose first entry's `.text` is scored.
-    The one place validation, evaluation and the scripts turn decoded captions into scores."""
-    references: Mapping[Any, Sequence[str]] = {r.image_id: r.captions for r in records}
+def captions_by_image(records: Sequence[Any], captions: Sequence[str | Sequence[Any]]
+                      ) -> tuple[dict[Any, Sequence[str]], dict[Any, str]]:
+    """({image_id: references}, {image_id: caption}) for one caption per record (`.image_id`, `.captions`):
+    the dicts every scorer takes. `captions[i]` is a string, or an n-best list whose first entry's `.text`
+    is the caption. The one place validation, evaluation and the scripts pair captions with references."""
+    references = {r.image_id: r.captions for r in records}
     hypotheses = {r.image_id: caption if isinstance(caption, str) else caption[0].text
                   for r, caption in zip(records, captions, strict=True)}
-    return compute_scores(references, hypotheses)
+    return references, hypotheses
+
+
+def score_captions(records: Sequence[Any], captions: Sequence[str | Sequence[Any]]) -> dict:
+    """`compute_scores` of one caption per record against that record's references (`captions_by_image`)."""
+    return compute_scores(*captions_by_image(records, captions))
