@@ -194,13 +194,12 @@ class Trainer:
         self.objective, self.out_dir, self.resume = objective, Path(out_dir), resume
         self.device = torch.device(device)
         self.amp, self.ema_decay, self.progress, self.on_epoch_end = amp, ema_decay, progress, on_epoch_end
-        # An objective without AMP refuses --amp before the device is asked whether it could run it.
-        if amp not in (None, "", "none", "off") and not objective.supports_amp:
-            raise ValueError(f"--amp: {objective.name} runs in float32; leave out --amp")
-        self.amp_dtype = autocast_dtype(amp, self.device)
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if not objective.supports_ddp and (self.world > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             raise ValueError(f"{objective.name} runs in one process; start it without torchrun")
+        if amp not in (None, "", "none", "off") and not objective.supports_amp:
+            raise ValueError(f"--amp: {objective.name} runs in float32; leave out --amp")
+        self.amp_dtype = autocast_dtype(amp, self.device)
         self.history: list[dict[str, Any]] = []
         self.best_cider, self.bad_epochs, self.start_epoch = -1.0, 0, 1
 
