@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from PIL import Image
 
 from captioner import distributed

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from captioner.api import Captioner
 from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint

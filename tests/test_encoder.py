@@ -170,7 +170,7 @@ def test_lite0_weights_hash_is_the_one_the_shipped_checkpoint_started_from(lite0
     """The hash that ties feature caches and checkpoints to their CNN weights did not move when the encoder
     left timm for captioner.efficientnet_lite; the shipped model's CNN was fine-tuned from those weights and
     travels in the checkpoint, with the hash it loads with."""
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     from captioner.checkpoint import load_checkpoint
 

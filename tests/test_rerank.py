@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from captioner.api import Captioner
 from captioner.checkpoint import atomic_save, load_checkpoint
