@@ -1,22 +1,15 @@
-"""scripts/bench_quality.py: the baselines it prints and its table, on the tiny Flickr8k run."""
-
-import importlib.util
-from pathlib import Path
+"""scripts/bench/quality.py: the baselines it prints and its table, on the tiny Flickr8k run."""
 
 import pytest
 import torch
+from helpers import load_script
 
 from captioner.data.records import CaptionRecord
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/quality.py")
 
 
 def test_nearest_neighbour_takes_the_most_similar_training_image(bench):
