@@ -26,6 +26,7 @@ def test_table_marks_missing_metrics(bench):
     assert "63.0" in paper_line and paper_line.count("-") == len(bench.METRIC_NAMES) - 1
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_bench_quality_prints_every_row(bench, tiny_run, capsys):
     checkpoint = str(tiny_run["checkpoint"])

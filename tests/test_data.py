@@ -35,6 +35,7 @@ def flickr8k_layouts(flickr8k_dir: Path) -> dict[str, Dataset]:
     return {layout: load_dataset(flickr8k_dir, layout=layout) for layout in LAYOUTS}
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_flickr8k_counts(flickr8k_layouts, layout):
@@ -50,6 +51,7 @@ def test_flickr8k_counts(flickr8k_layouts, layout):
     assert all(len(r.captions) == 5 for r in dataset.records)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_flickr8k_layouts_agree(flickr8k_layouts):
     karpathy, coco, flickr8k = (flickr8k_layouts[layout] for layout in LAYOUTS)
@@ -62,6 +64,7 @@ def test_flickr8k_layouts_agree(flickr8k_layouts):
     assert splits["2851198725_37b6027625.jpg"] == splits["3050606344_af711c726c.jpg"] == "train"
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_flickr8k_auto_detection(flickr8k_dir, flickr8k_layouts, tmp_path):
     reference = flickr8k_layouts["karpathy"].fingerprint()
@@ -84,6 +87,7 @@ def test_flickr8k_auto_detection(flickr8k_dir, flickr8k_layouts, tmp_path):
         assert dataset.source.startswith(layout) and dataset.fingerprint() == reference
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_flickr8k_coco_with_karpathy_split(flickr8k_dir, flickr8k_layouts):
     coco_files = sorted(flickr8k_dir.glob("captions_*.json"))

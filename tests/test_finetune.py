@@ -19,6 +19,8 @@ from captioner.finetune import finetune
 from captioner.images import load_image
 from captioner.training import LAST, LOG
 
+pytestmark = pytest.mark.slow  # every test trains the CNN on the tiny Flickr8k run
+
 CONFIG = FinetuneConfig(epochs=2, batch_images=4, encoder_lr=1e-3, warmup_steps=1, train_max_images=8,
                         val_max_images=4, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
 

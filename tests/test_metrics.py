@@ -118,6 +118,7 @@ def test_image_without_references_raises():
         compute_scores({"a": "a dog runs"}, {"a": "a dog"})
 
 
+@pytest.mark.slow
 def test_scores_1000_images_consistently():
     """At corpus scale (the speed is scripts/bench/scoring.py's): every image scored, corpus CIDEr-D and
     ROUGE-L the mean of the per-image scores, the order of the ids irrelevant, and copying a reference
@@ -190,6 +191,7 @@ def agreement_case(flickr8k_test_references):
     return references, hypotheses, compute_scores(references, hypotheses)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_bleu_agrees_with_pycocoevalcap(agreement_case):
     coco_bleu = pytest.importorskip("pycocoevalcap.bleu.bleu")
@@ -201,6 +203,7 @@ def test_bleu_agrees_with_pycocoevalcap(agreement_case):
             assert ours["per_image"][image_id][f"BLEU-{k + 1}"] == pytest.approx(per_image[k][row], abs=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_cider_agrees_with_pycocoevalcap(agreement_case):
     coco_cider = pytest.importorskip("pycocoevalcap.cider.cider")
@@ -211,6 +214,7 @@ def test_cider_agrees_with_pycocoevalcap(agreement_case):
         assert ours["per_image"][image_id]["CIDEr-D"] == pytest.approx(per_image[row], abs=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_rouge_agrees_with_pycocoevalcap(agreement_case):
     coco_rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
@@ -221,6 +225,7 @@ def test_rouge_agrees_with_pycocoevalcap(agreement_case):
         assert ours["per_image"][image_id]["ROUGE-L"] == pytest.approx(per_image[row], abs=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize("size", [1, 2, 7])
 def test_small_sets_agree_with_pycocoevalcap(flickr8k_test_references, size):
@@ -241,6 +246,7 @@ def test_small_sets_agree_with_pycocoevalcap(flickr8k_test_references, size):
     assert ours["ROUGE-L"] == pytest.approx(float(CocoRouge().compute_score(gts, res)[0]), abs=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_perfect_copy_beats_other_images_caption(flickr8k_test_references):
     references = dict(list(flickr8k_test_references.items())[:200])

@@ -10,6 +10,7 @@ from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_input", ["every", "first"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_loop_matches_nn_lstm_and_step(image_input, num_layers):
@@ -53,6 +54,7 @@ def test_image_term_changes_the_prediction():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_and_greedy_decodes_captions_back():
     torch.manual_seed(0)
     sentences = [["a", "dog", "runs", "on", "the", "grass"], ["two", "children", "play", "in", "the", "snow"],
@@ -80,6 +82,7 @@ def test_tiny_model_overfits_and_greedy_decodes_captions_back():
         assert [c[0].text for c in decoded] == [" ".join(s) for s in sentences]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_input", ["every", "first"])
 def test_inference_step_looks_up_word_gates_and_follows_weight_changes(image_input):
     """Without gradients, `step` reads the word term from a cached table; it gives the product's result,

@@ -38,9 +38,10 @@ from captioner.demo import EXAMPLES_DIR, example_paths, predict
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-# gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
+# gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix. slow: the corpus, the toy
+# captioner, the batch command in a subprocess and the demo server are module-wide costs.
 pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 load_demo = load_script("bench/load_demo.py")

@@ -33,6 +33,7 @@ def _run(out_dir, epochs=3, resume=False, stop_after=None, ema_decay=0.0):
                  encoder={"encoder": "test"}, resume=resume, progress=False, on_epoch_end=stop)
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_log_and_curves(tmp_path):
     best = _run(tmp_path)
     assert best == tmp_path / BEST
@@ -47,6 +48,7 @@ def test_run_writes_checkpoints_log_and_curves(tmp_path):
     assert checkpoint.encoder == {"encoder": "test"}
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     _run(tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
@@ -61,6 +63,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, stop_after=1)
@@ -86,6 +89,7 @@ def test_weight_average_follows_the_formula():
         WeightAverage(model, decay=1.0)
 
 
+@pytest.mark.slow
 def test_weight_average_is_validated_saved_and_resumed(tmp_path):
     _run(tmp_path / "straight", ema_decay=0.9)
     log = [json.loads(line) for line in (tmp_path / "straight" / LOG).read_text().splitlines()]
