@@ -351,6 +351,7 @@ def step_distributions(tables, image, hypothesis, temperature=1.0):
         code = next_code(code, token)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_top_k_only_emits_the_top_k(temperature):
     tables = make_tables(10, seed=9, scale=0.5)  # flat, so the filter matters
@@ -365,6 +366,7 @@ def test_top_k_only_emits_the_top_k(temperature):
     assert outside_top_1 > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_top_p_only_emits_the_nucleus(temperature):
     tables = make_tables(10, seed=10, scale=1.0)

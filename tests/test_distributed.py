@@ -264,6 +264,7 @@ def test_shard_batches_cover_every_position_once_in_whole_batches():
     assert distributed.shard_batches(5, 4) == [0, 1, 2, 3, 4]  # outside torchrun: everything
 
 
+@pytest.mark.slow
 def test_amp_rules_and_bf16_on_cpu(tmp_path):
     cpu = torch.device("cpu")
     assert autocast_dtype(None, cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16

@@ -57,6 +57,7 @@ def test_registry_lists_the_encoders() -> None:
         get_encoder_spec("vgg16")
 
 
+@pytest.mark.slow
 def test_lite0_packaged_weights_fill_every_key_exactly() -> None:
     original = torch.load(lite0_packaged_weights(), map_location="cpu", weights_only=True)
     converted = convert_lite0_state_dict(original)
@@ -71,6 +72,7 @@ def test_lite0_packaged_weights_fill_every_key_exactly() -> None:
     assert torch.equal(model.state_dict()["blocks.6.0.conv_pwl.weight"], original["_blocks.15._project_conv.weight"])
 
 
+@pytest.mark.slow
 def test_lite2_packaged_weights_fill_every_key_exactly() -> None:
     original = torch.load(lite2_packaged_weights(), map_location="cpu", weights_only=True)
     converted = convert_lite_state_dict(original, LITE2_STAGE_DEPTHS)
@@ -255,6 +257,7 @@ def test_resnet_random_weights_only_with_a_loud_warning_and_local_files(tmp_path
     assert from_file.weights_source.endswith("resnet50.pth")
 
 
+@pytest.mark.slow
 def test_resnet_preprocessing_matches_torchvision_transforms(offline) -> None:
     import torchvision
 
