@@ -319,9 +319,9 @@ def test_bad_checkpoint_through_the_caption_command(kind, toy_checkpoint, tmp_pa
     fragment, make = BAD_CHECKPOINTS[kind]
     bad = tmp_path / "model.safetensors"
     make(toy_checkpoint, bad)
-    photo = tmp_path / "photo.jpg"
-    photo().save(photo)
-    assert main(["caption", str(photo), "--checkpoint", str(bad)]) == 2
+    photo_file = tmp_path / "photo.jpg"
+    photo().save(photo_file)
+    assert main(["caption", str(photo_file), "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"captioner caption: error: {bad}: ") and fragment in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -331,14 +331,14 @@ def test_pickle_that_would_run_code_is_refused_by_every_door(toy_checkpoint, tmp
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.safetensors"
     evil.write_bytes(pickle.dumps({"model.embed.weight": _RunsCode(marker)}))
-    photo = tmp_path / "photo.jpg"
-    photo().save(photo)
+    photo_file = tmp_path / "photo.jpg"
+    photo().save(photo_file)
     data = tmp_path / "dataset_one.json"
     data.write_text(json.dumps({"images": [{"filename": "photo.jpg", "split": "test", "imgid": 0,
                                             "sentences": [{"raw": "a photo"}]}]}))
     threads = torch.get_num_threads()  # `captioner demo` sets the thread count before loading
     try:
-        for argv in (["caption", str(photo), "--checkpoint", str(evil)],
+        for argv in (["caption", str(photo_file), "--checkpoint", str(evil)],
                      ["evaluate", "--checkpoint", str(evil), "--data", str(data), "--images", str(tmp_path)],
                      ["info", str(evil)],
                      ["demo", "--checkpoint", str(evil)]):
