@@ -245,7 +245,8 @@ def get_encoder(name: str = DEFAULT_ENCODER, weights: Weights = None,
     allow_random: if the default weights cannot be had, fall back to random weights with a warning instead
         of raising `EncoderUnavailableError`. Only for tests and smoke runs: random features mean nothing.
     fuse_batchnorm: fold eval-mode BatchNorm into the preceding convolutions (same features to ~1e-5,
-        about 1.4× faster on CPU). `weights_hash` is always that of the weights as loaded, before folding.
+        fewer operations at inference; `scripts/bench/features.py --no-fuse-batchnorm` measures the gain).
+        `weights_hash` is always that of the weights as loaded, before folding.
         Use `get_encoder_spec(name).build(...)` for an unfused module to fine-tune.
     """
     spec = get_encoder_spec(name)

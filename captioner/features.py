@@ -286,11 +286,12 @@ def image_loader(
 
     num_workers, load_threads: DataLoader worker processes, and threads that load one batch together.
         None chooses by device: on CPU, 0 workers and one load thread per core (max 8), so that loading
-        and the CNN take turns on all cores (on 2 cores, 2 worker processes competing with the CNN's
-        threads measured about 10% slower); on GPU, min(8, cores) workers with one thread each.
+        and the CNN take turns on all cores (worker processes compete with the CNN's threads and measured
+        slower: `scripts/bench/features.py --num-workers 2`); on GPU, min(8, cores) workers with one
+        thread each.
     device: where the normalised batches go (default: the encoder's device).
-    channels_last: give the CNN channels-last batches; None chooses it on CPU, where it is about 1.7×
-        faster for EfficientNet-Lite0 here.
+    channels_last: give the CNN channels-last batches; None chooses it on CPU, where it is faster for
+        EfficientNet-Lite0 (`scripts/bench/features.py --no-channels-last` measures the difference).
     draft: let the JPEG decoder downscale large photos while decoding (`load_image(draft_size=...)`).
     """
     device = torch.device(device) if device is not None else encoder.device

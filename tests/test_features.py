@@ -24,6 +24,7 @@ from captioner.features import (
 )
 
 FP16_TOLERANCE = dict(rtol=2e-3, atol=2e-3)
+pytestmark = pytest.mark.slow  # every test runs the CNN over photos
 
 
 @pytest.fixture(scope="module")
