@@ -9,12 +9,12 @@ where x_t is the word embedding and v' the projected image. The weights are thos
 whose input is the concatenation [x_t; v'] (`weight_ih_l0 = [W_x | W_v]`), so the module can run
 either through `nn.LSTM` or through the hand-written loop below, which computes W_x·x for all
 steps in one matrix product, W_v·v' once per caption, and then only the recurrence; the two give
-the same outputs (tested). Training uses `nn.LSTM` by default (`lstm_impl="nn"`): on the 2-core CPU
-here, `scripts/bench_train.py` measured it at 378 captions/s against the loop's 284 (its fused
-kernels beat the loop's per-step Python, even though the loop skips recomputing the image term).
+the same outputs (tested). Training uses `nn.LSTM` by default (`lstm_impl="nn"`): its fused kernels
+beat the loop's per-step Python, even though the loop skips recomputing the image term
+(`scripts/bench/train.py` measures both; figures in the README).
 Decoding always steps through `step`, which adds the precomputed image term; without gradients or
-dropout it also looks the word term W_x·x_t up in a (vocabulary, 4H) table instead of multiplying
-(`scripts/bench_decode.py`, beam 3 at batch 128: 368 captions/s before, 474–578 after, 2-core CPU).
+dropout it also looks the word term W_x·x_t up in a (vocabulary, 4H) table instead of multiplying,
+which makes decoding faster (`scripts/bench/decode.py`; docs/experiments.md, "Speed choices in the code").
 
 Inject-first ("first", Show and Tell): v' is fed as the input of one step before `<start>` and never
 again.

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K_DIR = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO_ROOT.parent / "shared" / "data" / "flickr8k"))
 
 

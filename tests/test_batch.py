@@ -38,6 +38,7 @@ def test_expand_inputs_folders_globs_and_missing(mixed_folder):
     assert problems == [(str(mixed_folder / "missing.jpg"), "no such file or folder")]
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_caption_folder_with_broken_files(tiny_run, mixed_folder, tmp_path, capsys):
     output = tmp_path / "results.jsonl"
@@ -67,6 +68,7 @@ def test_caption_folder_with_broken_files(tiny_run, mixed_folder, tmp_path, caps
     assert {r["image"] for r in resumed} == {r["image"] for r in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_other_output_formats(tiny_run, mixed_folder, tmp_path, suffix):
@@ -83,6 +85,7 @@ def test_other_output_formats(tiny_run, mixed_folder, tmp_path, suffix):
         assert len(rows) == 2 and len(rows[0]["captions"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_all_good_exits_zero_and_prints(tiny_run, mixed_folder, capsys):
     assert main(["caption", str(mixed_folder / "one dog.jpg"), "--checkpoint", str(tiny_run["checkpoint"]),
@@ -122,6 +125,7 @@ def test_a_group_of_rows_is_one_write_call(tmp_path, monkeypatch, suffix):
         assert len(table) == 3 * 202 + 1 and table[0]["caption"] == captions[0].text
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_decoding_in_groups_changes_nothing_but_when_rows_are_written(tiny_run, mixed_folder, tmp_path):
     """The same rows, in input order, whether features are decoded per CNN batch or in groups of batches

@@ -1,22 +1,15 @@
-"""scripts/bench_quality.py: the baselines it prints and its table, on the tiny Flickr8k run."""
-
-import importlib.util
-from pathlib import Path
+"""scripts/bench/quality.py: the baselines it prints and its table, on the tiny Flickr8k run."""
 
 import pytest
 import torch
+from helpers import load_script
 
 from captioner.data.records import CaptionRecord
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/quality.py")
 
 
 def test_nearest_neighbour_takes_the_most_similar_training_image(bench):
@@ -33,6 +26,7 @@ def test_table_marks_missing_metrics(bench):
     assert "63.0" in paper_line and paper_line.count("-") == len(bench.METRIC_NAMES) - 1
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_bench_quality_prints_every_row(bench, tiny_run, capsys):
     checkpoint = str(tiny_run["checkpoint"])

@@ -13,15 +13,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT
-from test_model import _batch  # teacher-forcing batches: <start> .. <end>, longest first
-from test_training import _records  # random captions over a small vocabulary, random features
+from helpers import REPO_ROOT, decoder_batch, train_on_random_captions
 
 from captioner.checkpoint import load_checkpoint
-from captioner.config import DecodeConfig, ModelConfig, TrainConfig
+from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import decode
 from captioner.model import CaptionDecoder
-from captioner.train import BEST, LOG, train
+from captioner.train import BEST
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
@@ -45,7 +43,7 @@ def _model(impl: str = "nn", **overrides) -> CaptionDecoder:
 @pytest.mark.parametrize("settings", [{}, {"num_layers": 2}, {"image_input": "first", "image_dim": 24}])
 def test_teacher_forced_logits_match_the_cpu(impl, settings):
     model = _model(impl, **settings)
-    features, captions, lengths = _batch(feature_dim=32)
+    features, captions, lengths = decoder_batch(feature_dim=32)
     with torch.no_grad():
         cpu_logits, cpu_targets = model(features, captions, lengths)
         gpu_logits, gpu_targets = model.cuda()(features.cuda(), captions.cuda(), lengths)
@@ -82,23 +80,12 @@ def test_sampling_on_cuda_is_reproducible():
     assert run(0) != run(1)
 
 
-def _train(out_dir, device, amp=None, epochs=4):
-    train_records, train_features = _records(48, "train", 0)
-    val_records, val_features = _records(8, "val", 1)
-    config = TrainConfig(epochs=epochs, batch_size=16, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10,
-                         seed=3, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
-    best = train(train_records, train_features, val_records, val_features, out_dir, model, config,
-                 encoder={"encoder": "test"}, progress=False, device=device, amp=amp)
-    return best, [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
-
-
 @pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
 def test_training_on_cuda_learns_like_the_cpu(tmp_path, amp):
     """Same seed and data: the CUDA run's losses follow the CPU's (closely in fp32, loosely under autocast),
     and its checkpoint loads and decodes on the CPU."""
-    _, cpu_log = _train(tmp_path / "cpu", "cpu")
-    best, gpu_log = _train(tmp_path / "gpu", "cuda", amp)
+    _, cpu_log = train_on_random_captions(tmp_path / "cpu", "cpu")
+    best, gpu_log = train_on_random_captions(tmp_path / "gpu", "cuda", amp)
     cpu_losses = [entry["train_loss"] for entry in cpu_log]
     gpu_losses = [entry["train_loss"] for entry in gpu_log]
     assert gpu_losses[-1] < gpu_losses[0]
@@ -117,14 +104,14 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     from captioner import distributed
     sys.path.insert(0, {tests!r})
-    from test_cuda import _train
+    from helpers import train_on_random_captions
 
     out = Path(sys.argv[1])
     device = torch.device("cuda", distributed.local_rank())
     with distributed.session(device):
         assert torch.distributed.get_backend() == "nccl", torch.distributed.get_backend()
         gathered = distributed.all_gather_object(distributed.rank())
-        best, log = _train(out, device)
+        best, log = train_on_random_captions(out, device)
         if distributed.is_main():
             (out / "worker.json").write_text(json.dumps({{"gathered": gathered, "world": distributed.world_size(),
                                                          "losses": [e["train_loss"] for e in log]}}))

@@ -158,6 +158,7 @@ def test_wide_beam_equals_brute_force(length_penalty):
         assert_matches(results[image], expected, f"image {image}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length_penalty", [0.0, 0.8, -0.5])
 @pytest.mark.parametrize("ngram", [0, 2])
 def test_beam_matches_reference_and_brute_force_log_probs(length_penalty, ngram):
@@ -314,6 +315,7 @@ def test_no_repeat_ngram_blocks_repeats(strategy, ngram):
     assert any(len(set(h.tokens)) < len(h.tokens) for hs in unblocked for h in hs)  # the test has teeth
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_seed_dependent():
     tables = make_tables(3, seed=8)
 
@@ -349,6 +351,7 @@ def step_distributions(tables, image, hypothesis, temperature=1.0):
         code = next_code(code, token)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_top_k_only_emits_the_top_k(temperature):
     tables = make_tables(10, seed=9, scale=0.5)  # flat, so the filter matters
@@ -363,6 +366,7 @@ def test_top_k_only_emits_the_top_k(temperature):
     assert outside_top_1 > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_top_p_only_emits_the_nucleus(temperature):
     tables = make_tables(10, seed=10, scale=1.0)

@@ -30,9 +30,10 @@ from captioner.apps.demo import (
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-# gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
+# gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix. slow: the toy captioner (the
+# real CNN) is a module-wide cost, and the browser test starts Chromium.
 pytestmark = [pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from PIL import Image
 
 from captioner import distributed
@@ -120,6 +120,7 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sharded_features_equal_the_single_process_cache(caches):
     single, sharded = caches["single"], caches["sharded"]
     assert sorted(p.name for p in sharded.iterdir()) == ["features.f16.npy", "index.json", "meta.json"]
@@ -131,6 +132,7 @@ def test_sharded_features_equal_the_single_process_cache(caches):
     assert [entry["image_id"] for entry in meta_sharded["failed"]] == ["img_17.jpg"]
 
 
+@pytest.mark.slow
 def test_ddp_losses_match_one_process_and_the_checkpoint_decodes(runs, caches):
     single, ddp = _log(runs["single"]), _log(runs["ddp"])
     assert [e["epoch"] for e in ddp] == [1, 2, 3]
@@ -200,6 +202,7 @@ with distributed.session(torch.device("cpu")):
 """
 
 
+@pytest.mark.slow
 def test_interrupted_ddp_run_resumes_to_the_same_weights(dataset, caches, tmp_path):
     """Dropout 0.3 on: every rank's random state must be saved and restored for the weights to agree."""
     script = tmp_path / "resume_run.py"
@@ -213,6 +216,7 @@ def test_interrupted_ddp_run_resumes_to_the_same_weights(dataset, caches, tmp_pa
     assert [e["epoch"] for e in log] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sharded_captioning_equals_one_process_and_resumes(dataset, runs, tmp_path):
     checkpoint = runs["ddp"] / "best.safetensors"
     folder = dataset["images"]
@@ -262,6 +266,7 @@ def test_shard_batches_cover_every_position_once_in_whole_batches():
     assert distributed.shard_batches(5, 4) == [0, 1, 2, 3, 4]  # outside torchrun: everything
 
 
+@pytest.mark.slow
 def test_amp_rules_and_bf16_on_cpu(tmp_path):
     cpu = torch.device("cpu")
     assert autocast_dtype(None, cpu) is None
@@ -297,6 +302,7 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
     assert load_checkpoint(tmp_path / "best.safetensors").info["amp"] == "bf16"
 
 
+@pytest.mark.slow
 def test_one_process_finishes_an_interrupted_sharded_extraction(dataset, caches, tmp_path, monkeypatch):
     """Rank 1 of an earlier 2-process run wrote one batch, then the run stopped; a single process picks
     that up and the merged cache is still the single-process one, byte for byte."""

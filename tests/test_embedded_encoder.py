@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from captioner.api import Captioner
 from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint
@@ -32,6 +32,7 @@ def own_cnn_checkpoint(tiny_run, tmp_path_factory):
     return path, state, weights_hash
 
 
+@pytest.mark.slow
 def test_the_cnn_round_trips_and_loads_with_its_hash(own_cnn_checkpoint):
     path, state, weights_hash = own_cnn_checkpoint
     loaded = load_checkpoint(path)
@@ -45,6 +46,7 @@ def test_the_cnn_round_trips_and_loads_with_its_hash(own_cnn_checkpoint):
     assert load_checkpoint(plain_path).encoder_state is None
 
 
+@pytest.mark.slow
 def test_a_changed_cnn_fails_the_hash_check(own_cnn_checkpoint, tmp_path):
     path, state, weights_hash = own_cnn_checkpoint
     checkpoint = load_checkpoint(path)
@@ -55,6 +57,7 @@ def test_a_changed_cnn_fails_the_hash_check(own_cnn_checkpoint, tmp_path):
         Captioner.from_pretrained(bad, device="cpu")
 
 
+@pytest.mark.slow
 def test_evaluation_runs_its_cnn_and_refuses_packaged_caches(own_cnn_checkpoint, tiny_run):
     path, state, weights_hash = own_cnn_checkpoint
     dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
@@ -70,6 +73,7 @@ def test_evaluation_runs_its_cnn_and_refuses_packaged_caches(own_cnn_checkpoint,
     assert report["images"] == len(records) and 0 <= report["scores"]["CIDEr-D"]
 
 
+@pytest.mark.slow
 def test_export_keeps_the_cnn_in_float16_with_the_hash_it_loads_with(own_cnn_checkpoint, tmp_path):
     path, _, _ = own_cnn_checkpoint
     target = tmp_path / "exported.safetensors"
@@ -81,6 +85,7 @@ def test_export_keeps_the_cnn_in_float16_with_the_hash_it_loads_with(own_cnn_che
     assert captioner.encoder.weights_hash == load_checkpoint(target).encoder["weights_hash"]
 
 
+@pytest.mark.slow
 def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_run, tmp_path, capsys):
     from captioner.apps.cli import main
     from captioner.features import FeatureCache

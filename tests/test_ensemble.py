@@ -36,6 +36,7 @@ def test_members_probabilities_are_averaged_step_by_step() -> None:
     assert len(state) == 6  # both members' (h, c, image term)
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_copies_decodes_like_the_model() -> None:
     model = decoder(2)
     ensemble = EnsembleDecoder([model, model])
@@ -61,6 +62,7 @@ def test_feature_width_and_vocabulary_are_checked(tmp_path) -> None:
         load_ensemble([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_evaluate_an_ensemble_of_two_checkpoints(tiny_run, tmp_path, capsys) -> None:
     from captioner.apps.cli import main

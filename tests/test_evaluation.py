@@ -11,6 +11,7 @@ from captioner.metrics import METRIC_NAMES
 pytestmark = pytest.mark.shared_data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_evaluate_writes_report_predictions_and_html(tiny_run, tmp_path, capsys, use_cache):
     out = tmp_path / "eval"
@@ -32,6 +33,7 @@ def test_evaluate_writes_report_predictions_and_html(tiny_run, tmp_path, capsys,
     assert "data:image/jpeg;base64" in html and predictions[0]["caption"].split()[0] in html
 
 
+@pytest.mark.slow
 def test_cached_and_computed_features_give_the_same_scores(tiny_run, tmp_path):
     reports = []
     for name, extra in (("cached", ["--features", str(tiny_run["features"])]), ("computed", [])):
@@ -48,12 +50,14 @@ def test_format_table_scales_by_100():
     assert table.splitlines()[1].split()[-1] == "50.0"
 
 
+@pytest.mark.slow
 def test_info_prints_checkpoint_settings(tiny_run, capsys):
     assert main(["info", str(tiny_run["checkpoint"])]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["info"]["epoch"] >= 1 and info["encoder"]["encoder"] == "efficientnet_lite0"
 
 
+@pytest.mark.slow
 def test_evaluate_missing_checkpoint_is_a_usage_error(tiny_run, capsys):
     assert main(["evaluate", "--checkpoint", "/nonexistent.safetensors", "--data", str(tiny_run["data"]),
                  "--images", str(tiny_run["images"])]) == 2

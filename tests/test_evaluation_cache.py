@@ -15,6 +15,7 @@ def lite0():
     return get_encoder("efficientnet_lite0")
 
 
+@pytest.mark.slow
 def test_missing_cached_features_say_why(tmp_path, lite0, one_torch_thread) -> None:
     images = tmp_path / "images"
     images.mkdir()

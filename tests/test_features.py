@@ -24,6 +24,7 @@ from captioner.features import cache as cache_module
 from captioner.features import loader as loader_module
 
 FP16_TOLERANCE = dict(rtol=2e-3, atol=2e-3)
+pytestmark = pytest.mark.slow  # every test runs the CNN over photos
 
 
 @pytest.fixture(scope="module")

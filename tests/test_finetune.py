@@ -18,6 +18,8 @@ from captioner.features import encode_images
 from captioner.images import load_image
 from captioner.train import BEST, CURVES, LAST, LOG, CnnFinetuning, finetune
 
+pytestmark = pytest.mark.slow  # every test trains the CNN on the tiny Flickr8k run
+
 CONFIG = FinetuneConfig(epochs=2, batch_images=4, encoder_lr=1e-3, warmup_steps=1, train_max_images=8,
                         val_max_images=4, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
 

@@ -36,7 +36,8 @@ EPOCHS = 8
 TRAIN_ARGS = ["--epochs", str(EPOCHS), "--batch-size", "8", "--min-word-count", "1", "--embed-dim", "16",
               "--hidden-dim", "24", "--image-dim", "16", "--val-beam-size", "2", "--patience", "100", "--seed", "3"]
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the same float results as the 1-thread subprocesses
+# one torch thread: the same float results as the 1-thread subprocesses; slow: every test runs and kills them
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 # Run `captioner` with checkpoint writes that SIGKILL the process half-way through the Nth write of
 # last.safetensors: half the bytes are in the temporary file when the process dies.

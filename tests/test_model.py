@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import decoder_batch
 
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.inference import decode_features
@@ -9,17 +10,7 @@ from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 
 
-def _batch(vocab_size=40, batch=5, lengths=(7, 6, 6, 4, 3), feature_dim=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor(lengths)
-    captions = torch.randint(4, vocab_size, (batch, int(lengths.max())), generator=generator)
-    captions[:, 0] = 1
-    for row, length in enumerate(lengths):
-        captions[row, length - 1] = 2
-        captions[row, length:] = 0
-    return torch.randn(batch, feature_dim, generator=generator), captions, lengths
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("image_input", ["every", "first"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_loop_matches_nn_lstm_and_step(image_input, num_layers):
@@ -27,7 +18,7 @@ def test_loop_matches_nn_lstm_and_step(image_input, num_layers):
     config = ModelConfig(vocab_size=40, feature_dim=16, embed_dim=8, hidden_dim=12, image_dim=8,
                          num_layers=num_layers, image_input=image_input)
     model = CaptionDecoder(config, lstm_impl="loop").eval()
-    features, captions, lengths = _batch()
+    features, captions, lengths = decoder_batch()
     loop_logits, loop_targets = model(features, captions, lengths)
     model.lstm_impl = "nn"
     lstm_logits, lstm_targets = model(features, captions, lengths)
@@ -47,7 +38,7 @@ def test_loop_matches_nn_lstm_and_step(image_input, num_layers):
 
 def test_padding_is_not_scored():
     config = ModelConfig(vocab_size=40, feature_dim=16, embed_dim=8, hidden_dim=12, image_dim=8)
-    features, captions, lengths = _batch()
+    features, captions, lengths = decoder_batch()
     logits, targets = CaptionDecoder(config).eval()(features, captions, lengths)
     assert logits.size(0) == int((lengths - 1).sum())
     assert (targets != 0).all()
@@ -56,13 +47,14 @@ def test_padding_is_not_scored():
 def test_image_term_changes_the_prediction():
     config = ModelConfig(vocab_size=40, feature_dim=16, embed_dim=8, hidden_dim=12, image_dim=8)
     model = CaptionDecoder(config).eval()
-    features, captions, lengths = _batch()
+    features, captions, lengths = decoder_batch()
     with torch.no_grad():
         a, _ = model(features, captions, lengths)
         b, _ = model(features * 0, captions, lengths)
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_and_greedy_decodes_captions_back():
     torch.manual_seed(0)
     sentences = [["a", "dog", "runs", "on", "the", "grass"], ["two", "children", "play", "in", "the", "snow"],
@@ -90,6 +82,7 @@ def test_tiny_model_overfits_and_greedy_decodes_captions_back():
         assert [c[0].text for c in decoded] == [" ".join(s) for s in sentences]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_input", ["every", "first"])
 def test_inference_step_looks_up_word_gates_and_follows_weight_changes(image_input):
     """Without gradients, `step` reads the word term from a cached table; it gives the product's result,

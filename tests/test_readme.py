@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def _readme_commands() -> list[str]:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from captioner.api import Captioner
 from captioner.apps.cli import main
@@ -139,6 +139,7 @@ def tiny_memory(tiny_run, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_memory_command_remembers_the_train_split(tiny_memory, tiny_run):
     from captioner.data import load_dataset
 
@@ -149,6 +150,7 @@ def test_memory_command_remembers_the_train_split(tiny_memory, tiny_run):
     assert memory.encoder["weights_hash"] == load_checkpoint(tiny_run["checkpoint"]).encoder["weights_hash"]
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_memory_reranks_and_refuses_one_of_the_scored_split(tiny_memory, tiny_run, tmp_path, capsys):
     data = ["--data", str(tiny_run["data"]), "--images", str(tiny_run["images"])]
     common = ["evaluate", "--checkpoint", str(tiny_run["checkpoint"]), *data, "--split", "test",
@@ -171,6 +173,7 @@ def test_evaluate_with_a_memory_reranks_and_refuses_one_of_the_scored_split(tiny
     assert "--memory re-ranks beam-search candidates" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_caption_command_and_api_with_a_memory(tiny_memory, tiny_run, tmp_path):
     examples = REPO_ROOT / "demo" / "examples"
     out = tmp_path / "captions.jsonl"
@@ -195,6 +198,7 @@ def test_caption_command_and_api_with_a_memory(tiny_memory, tiny_run, tmp_path):
         Captioner.from_pretrained(tiny_run["checkpoint"], device="cpu", memory=other)
 
 
+@pytest.mark.slow
 def test_demo_says_when_it_re_ranks(tiny_memory, tiny_run):
     from captioner.apps.demo import predict
 

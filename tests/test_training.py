@@ -4,24 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import random_caption_records
 
 from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.config import DecodeConfig, ModelConfig, TrainConfig
-from captioner.data.records import CaptionRecord
 from captioner.model import CaptionDecoder
 from captioner.train import BEST, CURVES, LAST, LOG, WeightAverage, learning_rate, train
-
-WORDS = ["dog", "cat", "man", "woman", "runs", "sits", "on", "the", "grass", "beach", "red", "blue"]
-
-
-def _records(count, split, seed):
-    generator = torch.Generator().manual_seed(seed)
-    records = []
-    for i in range(count):
-        picks = torch.randint(0, len(WORDS), (3, 4), generator=generator).tolist()
-        captions = [f"a {' '.join(WORDS[j] for j in row)} ." for row in picks]
-        records.append(CaptionRecord(f"{split}{i}.jpg", f"/nowhere/{split}{i}.jpg", captions, split))
-    return records, torch.randn(count, 16, generator=generator)
 
 
 def _config(epochs=3, ema_decay=0.0):
@@ -34,8 +22,8 @@ MODEL = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.2}
 
 
 def _run(out_dir, epochs=3, resume=False, stop_after=None, ema_decay=0.0):
-    train_records, train_features = _records(24, "train", 0)
-    val_records, val_features = _records(6, "val", 1)
+    train_records, train_features = random_caption_records(24, "train", 0)
+    val_records, val_features = random_caption_records(6, "val", 1)
 
     def stop(entry):
         if stop_after is not None and entry["epoch"] == stop_after:
@@ -45,6 +33,7 @@ def _run(out_dir, epochs=3, resume=False, stop_after=None, ema_decay=0.0):
                  encoder={"encoder": "test"}, resume=resume, progress=False, on_epoch_end=stop)
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_log_and_curves(tmp_path):
     best = _run(tmp_path)
     assert best == tmp_path / BEST
@@ -59,6 +48,7 @@ def test_run_writes_checkpoints_log_and_curves(tmp_path):
     assert checkpoint.encoder == {"encoder": "test"}
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     _run(tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
@@ -73,6 +63,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, stop_after=1)
@@ -98,6 +89,7 @@ def test_weight_average_follows_the_formula():
         WeightAverage(model, decay=1.0)
 
 
+@pytest.mark.slow
 def test_weight_average_is_validated_saved_and_resumed(tmp_path):
     _run(tmp_path / "straight", ema_decay=0.9)
     log = [json.loads(line) for line in (tmp_path / "straight" / LOG).read_text().splitlines()]

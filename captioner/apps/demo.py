@@ -34,7 +34,7 @@ MAX_PIXELS = DEFAULT_MAX_PIXELS  # 40 megapixels
 # Simultaneous visitors are captioned together: one CNN batch of up to MAX_BATCH_SIZE photos (gathered for
 # GATHER_SECONDS after the first arrives), one decoder call per decoding setting. The queue admits
 # MAX_PENDING visitors, four full batches: the last of them waits for four batch times, a few seconds on a
-# 2-core CPU (scripts/load_demo.py prints the batch times); the rest are told at once that the demo is busy.
+# 2-core CPU (scripts/bench/load_demo.py prints the batch times); the rest are told at once that the demo is busy.
 MAX_BATCH_SIZE = 16
 MAX_PENDING = 64
 GATHER_SECONDS = 0.005

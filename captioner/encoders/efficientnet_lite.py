@@ -1,8 +1,8 @@
 """EfficientNet-Lite in plain PyTorch: the network of timm's `tf_efficientnet_lite0` / `_lite2`, with the same
 parameter names, so a state dict made for timm loads here strictly (and back).
 
-Why not timm itself: importing timm pulls in torchvision and torch._dynamo, about 2.4 s of every
-`captioner caption` start on the 2-core machine here, for a network this small. timm stays the reference:
+Why not timm itself: importing timm pulls in torchvision and torch._dynamo, seconds of every
+`captioner caption` start, for a network this small. timm stays the reference:
 `tests/test_encoder.py` checks that both give the same features from the same weights.
 
 Lite is EfficientNet without squeeze-and-excitation, with ReLU6, and with the stem (32 channels), the head
@@ -60,10 +60,10 @@ class SameConv2d(nn.Conv2d):
     """A strided convolution with TensorFlow's "same" padding, computed for each input size.
 
     The padding is `total // 2` on the top/left and the rest on the bottom/right, so the two sides differ
-    by at most one pixel. Rather than copying the input into a padded tensor (timm's way; the copies took
-    about 15% of the network's time here), the convolution pads symmetrically with the larger amount and,
-    where the sides differ, the kernel gets a leading row/column of zeros, which shifts every window by one
-    pixel: the same sums, without the copy.
+    by at most one pixel. Rather than copying the input into a padded tensor (timm's way, whose copies
+    cost a noticeable share of the network's time), the convolution pads symmetrically with the larger
+    amount and, where the sides differ, the kernel gets a leading row/column of zeros, which shifts every
+    window by one pixel: the same sums, without the copy.
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,28 +1,22 @@
-"""Run a corpus of awkward and broken image files through `captioner caption` and show what each one got.
+"""A corpus of awkward and broken image files, built by code, and the checks of what the batch command
+gives each one (tests/test_robustness.py sends the same files through every door).
 
-    python scripts/check_robustness.py [--checkpoint PATH] [--corpus FOLDER] [--output results.jsonl]
-
-The corpus is built by code (`build_corpus`; tests/test_robustness.py sends the same files through the
-other doors): empty, truncated and corrupt files, text / HTML / PDF / random bytes named like images,
+The corpus: empty, truncated and corrupt files, text / HTML / PDF / random bytes named like images,
 decompression bombs, 1×1 and 4000×3 images, CMYK, 16-bit, greyscale, RGBA, transparent palettes,
 animations, WebP / TIFF / BMP, a JPEG named .png, an EXIF-rotated photo, odd file names, nested folders,
-a dangling symlink and a symlink loop. The whole folder goes through one `captioner caption --recursive`
-process, and a table shows each input with its caption or error.
-
-Exit status: 0 when every input got a caption or the specific error it should, each exactly once, and the
-command exited normally (0 or 1); 1 otherwise; 2 bad usage (e.g. no checkpoint).
+a dangling symlink and a symlink loop. `run_batch` sends the whole folder through one
+`captioner caption --recursive` process; `judge` and `format_table` say what each input got and whether
+that was the caption or the specific error it should get.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import struct
 import subprocess
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,51 +220,3 @@ def run_batch(folder: Path, checkpoint: Path, output: Path, timeout: float) -> s
                str(checkpoint), "--output", str(output), "--strategy", "greedy", "--batch-size", "8"]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           cwd=Path(__file__).resolve().parents[1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
-    parser.add_argument("--corpus", default=None, help="build the corpus in this folder and keep it "
-                                                        "(default: a temporary folder, removed afterwards)")
-    parser.add_argument("--output", default=None, help="where the batch command writes its .jsonl results "
-                                                        "(default: inside the temporary folder; must not exist)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds before the batch command is stopped")
-    args = parser.parse_args(argv)
-
-    from captioner.checkpoint import default_checkpoint, resolve
-
-    checkpoint = resolve(args.checkpoint or default_checkpoint())
-    if not checkpoint.is_file():
-        print(f"check_robustness: no checkpoint at {checkpoint}; train one or pass --checkpoint", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="robustness-") as scratch:
-        folder = Path(args.corpus) if args.corpus else Path(scratch) / "corpus"
-        output = Path(args.output) if args.output else Path(scratch) / "results.jsonl"
-        if output.exists():
-            print(f"check_robustness: {output} exists; choose another --output", file=sys.stderr)
-            return 2
-        cases = build_corpus(folder)
-        print(f"{len(cases)} inputs in {folder}; running captioner caption --recursive with {checkpoint}")
-        try:
-            finished = run_batch(folder, checkpoint, output, args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"check_robustness: the batch command did not finish within {args.timeout:.0f} s", file=sys.stderr)
-            return 1
-        verdicts = judge(cases, read_rows(output), folder)
-        print(format_table(verdicts))
-        crashed = finished.returncode not in (0, 1) or "Traceback" in finished.stderr
-        if crashed:
-            print(f"\nthe batch command crashed (exit {finished.returncode}):\n{finished.stderr[-3000:]}")
-        wrong = [case.name for case, _, ok in verdicts if not ok]
-        captions = sum(1 for _, got, _ in verdicts if got.startswith("caption"))
-        errors = sum(1 for _, got, _ in verdicts if got.startswith("error"))
-        print(f"\n{captions} captions, {errors} errors, {len(wrong)} unexpected; "
-              f"batch command exit {finished.returncode}")
-        if wrong:
-            print("unexpected: " + ", ".join(shown(name) for name in wrong))
-        return 1 if crashed or wrong else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 hand-written LSTM loop and for nn.LSTM, measured side by side in one run on the same batches, plus the
 hand loop under bfloat16 autocast (`captioner train --amp bf16`; faster only on CPUs with bf16 units).
 
-    python scripts/bench_train.py --data ../shared/data/flickr8k --features runs/features-lite0
+    python scripts/bench/train.py --data ../shared/data/flickr8k --features runs/features-lite0
 
 Without --features it uses random 1280-d features for the real Flickr8k captions (same shapes,
 same cost). Prints the machine, the settings and one row per implementation.

@@ -1,6 +1,6 @@
 """What users feel: batch-command throughput, demo latency and memory, in one run.
 
-    python scripts/bench_caption.py --checkpoint checkpoints/flickr8k-lite0 --images ../shared/data/flickr8k/images
+    python scripts/bench/caption.py --checkpoint checkpoints/flickr8k-lite0 --images ../shared/data/flickr8k/images
 
 1. End-to-end images/s of `captioner caption` (a subprocess, beam 3, JSONL output) on 200 Flickr8k
    images, against the bare CNN forward on the same images already decoded and preprocessed in
@@ -11,7 +11,7 @@
 4. With --memory M (a caption memory from `captioner memory`): the steady state and the demo latency
    again with consensus re-ranking (default settings), after the plain figures above.
 
-    python scripts/bench_caption.py --startup [--runs 5]
+    python scripts/bench/caption.py --startup [--runs 5]
 
 measures start-up alone: the wall time of `captioner caption one.jpg` (a fresh process: imports, model
 load, one beam-3 caption) against `python -c "import torch, PIL, numpy"`, the floor any PyTorch

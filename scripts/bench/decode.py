@@ -1,7 +1,7 @@
 """Decoding speed: captions/s for greedy, beam 3 and beam 5 at batch 1, 32 and 128, side by side with a
 per-image beam-search loop (one image at a time, its beams batched: the popular tutorials' approach).
 
-    python scripts/bench_decode.py --checkpoint checkpoints/flickr8k-lite0 --features runs/features-flickr8k-lite0
+    python scripts/bench/decode.py --checkpoint checkpoints/flickr8k-lite0 --features runs/features-flickr8k-lite0
 
 Uses the first 128 cached test features (random features when --features is not given). Targets:
 batched beam 5 >= 5x the per-image loop at batch >= 32; beam 5 <= 3x greedy per caption.

@@ -1,6 +1,6 @@
 """Throughput of feature extraction against the bare backbone on the same images.
 
-    python scripts/bench_features.py [--count 256] [--batch-size 64] [--num-workers 2] [--threads N]
+    python scripts/bench/features.py [--count 256] [--batch-size 64] [--num-workers 2] [--threads N]
 
 Measures, in one process and interleaved (this machine may be shared, so each figure is the best of
 --repeats runs, all runs printed):
@@ -27,7 +27,7 @@ from captioner.encoders import DEFAULT_ENCODER, get_encoder
 from captioner.features import extract_features
 from captioner.images import load_image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_IMAGES = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO_ROOT.parent / "shared" / "data" / "flickr8k")) / "images"
 
 

@@ -1,6 +1,6 @@
 """Send concurrent caption requests to the web demo on this machine and check every answer.
 
-    python scripts/load_demo.py [--checkpoint PATH] [--requests 20] [--url http://127.0.0.1:7860/]
+    python scripts/bench/load_demo.py [--checkpoint PATH] [--requests 20] [--url http://127.0.0.1:7860/]
 
 Without --url the script starts the demo itself on 127.0.0.1 (a free port) and stops it at the end; with
 --url it targets a demo already running on this machine (`captioner demo --checkpoint PATH`, same

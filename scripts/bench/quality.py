@@ -1,6 +1,6 @@
 """Caption quality on the Flickr8k test split, side by side with honest baselines and the classic papers.
 
-    python scripts/bench_quality.py checkpoints/flickr8k-lite0 --features runs/features-flickr8k-lite0
+    python scripts/bench/quality.py checkpoints/flickr8k-lite0 --features runs/features-flickr8k-lite0
 
 Prints one table (BLEU-1..4, CIDEr-D, ROUGE-L, ×100, scored by captioner.metrics, which matches
 coco-caption) with these rows:

@@ -1,0 +1,76 @@
+"""Helpers shared by several test files (tests never import one another; fixtures live in conftest.py).
+
+Library imports stay inside the functions, so that a test file importing one helper does not depend on
+every library module the others need.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+CAPTION_WORDS = ["dog", "cat", "man", "woman", "runs", "sits", "on", "the", "grass", "beach", "red", "blue"]
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script under scripts/ loaded by path, for the tests of that script (scripts/ is not a package).
+    Loaded once per session, registered in sys.modules (dataclasses look their module up there)."""
+    path = REPO_ROOT / "scripts" / relative_path
+    module_name = "scripts." + relative_path.removesuffix(".py").replace("/", ".")
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def decoder_batch(vocab_size=40, batch=5, lengths=(7, 6, 6, 4, 3), feature_dim=16, seed=0):
+    """A teacher-forcing batch (features, captions, lengths): ids 1 = <start>, 2 = <end>, 0 = padding,
+    captions longest first, as the decoder's packing expects."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    captions = torch.randint(4, vocab_size, (batch, int(lengths.max())), generator=generator)
+    captions[:, 0] = 1
+    for row, length in enumerate(lengths):
+        captions[row, length - 1] = 2
+        captions[row, length:] = 0
+    return torch.randn(batch, feature_dim, generator=generator), captions, lengths
+
+
+def random_caption_records(count: int, split: str, seed: int, feature_dim: int = 16):
+    """`count` CaptionRecords with three random 6-word captions over CAPTION_WORDS, and random features
+    (count, feature_dim): a dataset a tiny decoder can overfit in a few epochs."""
+    import torch
+
+    from captioner.data.records import CaptionRecord
+
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(count):
+        picks = torch.randint(0, len(CAPTION_WORDS), (3, 4), generator=generator).tolist()
+        captions = [f"a {' '.join(CAPTION_WORDS[j] for j in row)} ." for row in picks]
+        records.append(CaptionRecord(f"{split}{i}.jpg", f"/nowhere/{split}{i}.jpg", captions, split))
+    return records, torch.randn(count, feature_dim, generator=generator)
+
+
+def train_on_random_captions(out_dir: Path, device, amp: str | None = None, epochs: int = 4):
+    """A small training run on random captions (48 train, 8 val): (best checkpoint path, log entries)."""
+    from captioner.config import DecodeConfig, TrainConfig
+    from captioner.train import LOG, train
+
+    train_records, train_features = random_caption_records(48, "train", 0)
+    val_records, val_features = random_caption_records(8, "val", 1)
+    config = TrainConfig(epochs=epochs, batch_size=16, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10,
+                         seed=3, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
+    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
+    best = train(train_records, train_features, val_records, val_features, out_dir, model, config,
+                 encoder={"encoder": "test"}, progress=False, device=device, amp=amp)
+    return best, [json.loads(line) for line in (Path(out_dir) / LOG).read_text().splitlines()]
