@@ -67,11 +67,11 @@ def _check_upload(image_path: str | os.PathLike | None) -> tuple[str | None, str
     return None, name
 
 
-def _load(image_path: str | os.PathLike, name: str,
-          draft_size: int | None = None) -> tuple[Image.Image | None, str | None]:
+def _load(image_path: str | os.PathLike, name: str, draft_size: int | None = None,
+          max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
     """(PIL image, None) or (None, friendly message), decoding with the library's checks."""
     try:
-        return load_image(image_path, max_pixels=MAX_PIXELS, draft_size=draft_size), None
+        return load_image(image_path, max_pixels=max_pixels, draft_size=draft_size), None
     except ImageLoadError as error:
         return None, _message("That file could not be used as a photo",
                               f"**{_escape_markdown(name)}**: {_escape_markdown(error.reason)}.\n\n{LIMITS}")
@@ -118,7 +118,8 @@ def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy
         config, note = decode_settings(strategy, beam_size, temperature, seed, n_best)
     except ValueError as error:
         return _message("Those settings do not work together", _escape_markdown(str(error))), []
-    image, message = _load(image_path, name)
+    # reduced-scale JPEG decoding and the pixel limit of the captioner, as `captioner caption` has them
+    image, message = _load(image_path, name, draft_size=captioner.draft_size, max_pixels=captioner.max_pixels)
     if image is None:
         return message, []
     try:
@@ -146,12 +147,13 @@ def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy
     return markdown, rows
 
 
-def preview(image_path: str | os.PathLike | None) -> tuple[Image.Image | None, str]:
+def preview(image_path: str | os.PathLike | None,
+            max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str]:
     """(the photo as the model will see it, upright, at most PREVIEW_SIZE px; message for the caption area)."""
     message, name = _check_upload(image_path)
     if message is not None:
         return None, message
-    image, message = _load(image_path, name, draft_size=PREVIEW_SIZE)
+    image, message = _load(image_path, name, draft_size=PREVIEW_SIZE, max_pixels=max_pixels)
     if image is None:
         return None, message
     image.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
@@ -170,6 +172,9 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
 
     def caption_upload(image_path, strategy, beam_size, temperature, seed, n_best):
         return predict(captioner, image_path, strategy, beam_size, temperature, seed, n_best)
+
+    def show_preview(image_path):
+        return preview(image_path, max_pixels=captioner.max_pixels)
 
     def show_controls(strategy):
         return (gr.update(visible=strategy == "beam"), gr.update(visible=strategy == "sample"),
@@ -206,7 +211,7 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
 
         strategy.change(show_controls, strategy, [beam_size, temperature, seed], queue=False,
                         api_visibility="private")
-        photo.change(preview, photo, [shown, best], api_visibility="private")
+        photo.change(show_preview, photo, [shown, best], api_visibility="private")
         button.click(caption_upload, [photo, strategy, beam_size, temperature, seed, n_best], [best, table],
                      api_name="caption")
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE, api_open=False)
@@ -225,7 +230,8 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool
 
 
 def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None) -> None:
+           share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None,
+           max_pixels: int = MAX_PIXELS) -> None:
     """Load the checkpoint once (with a caption memory for consensus re-ranking, when given), then serve
     the demo until interrupted."""
     import torch
@@ -234,5 +240,6 @@ def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", p
 
     # CONCURRENCY jobs share the cores; more torch threads than cores makes every job crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // CONCURRENCY))
-    captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank)
+    captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank,
+                                          max_pixels=max_pixels)
     serve(build_app(captioner), host=host, port=port, share=share)
