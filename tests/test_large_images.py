@@ -127,7 +127,7 @@ def test_50_and_200_megapixel_jpegs_load_under_the_default_limit(huge_jpegs) -> 
     assert load_image(huge_jpegs["200"]).size == (4080, 3060)  # 1/4 = 12.5 MP
     # the 64× header cap still refuses a JPEG no reduced decode can bring under the limit
     with pytest.raises(ImageLoadError, match="even decoded at reduced scale"):
-        load_image(huge_jpegs["200"], max_pixels=199_756_800 // JPEG_HEADER_FACTOR)
+        load_image(huge_jpegs["200"], max_pixels=199_756_800 // JPEG_HEADER_FACTOR - 1)
 
 
 @pytest.mark.slow
@@ -163,13 +163,22 @@ def test_png_bomb_is_still_refused_from_its_header(tmp_path: Path) -> None:
         load_image(bomb, draft_size=448)  # draft is for JPEGs only; a PNG is decoded in full
 
 
-def test_max_pixels_lowers_the_limit_on_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_max_pixels_lowers_the_limit_on_the_command_line_and_in_the_api(tmp_path: Path) -> None:
+    from captioner import Captioner
+
     photo = tmp_path / "photo.png"
     photo_like(400, 300).save(photo)
     output = tmp_path / "out.jsonl"
     assert main(["caption", str(photo), "--max-pixels", "100000", "--output", str(output)]) == 1
     row = json.loads(output.read_text())
     assert row["caption"] is None and "too many pixels" in row["error"] and "max_pixels=100,000" in row["error"]
+
+    strict = Captioner.from_pretrained(max_pixels=100_000)
+    [refused] = strict.caption(str(photo))
+    assert refused.caption is None and "max_pixels=100,000" in refused.error
+    strict.max_pixels = 120_000
+    assert strict.caption(str(photo))[0].caption
 
 
 @pytest.mark.slow
