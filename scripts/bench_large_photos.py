@@ -58,16 +58,30 @@ def upscale(source: Path, target: Path, size: tuple[int, int] = PHONE_SIZE) -> P
     return target
 
 
+# Linux carries a process's peak RSS across fork and exec, so a command started from this (large) process
+# would report at least this process's own peak. A bare Python (no site, a few MB) forks it instead and
+# reports that child's own figures.
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def run_command(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB of that process alone) of a command, output discarded."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode not in (0, 1):
-        raise SystemExit(f"{' '.join(command)} exited with {process.returncode}")
-    return seconds, usage.ru_maxrss / 1024
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, report.name, *command],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        seconds = time.perf_counter() - start
+        peak_kb, status = map(int, report.read().split())
+    if status not in (0, 1):
+        raise SystemExit(f"{' '.join(command)} exited with {status}")
+    return seconds, peak_kb / 1024
 
 
 def caption_command(paths: list[str], output: Path, args: argparse.Namespace) -> list[str]:
@@ -197,8 +211,12 @@ def bench_special(args: argparse.Namespace, tmp: Path) -> None:
     row = json.loads((tmp / "big.jsonl").read_text())
     print(f"captioner caption on one 200-MP JPEG: {seconds:.1f} s, peak RSS {peak_mb:.0f} MB (target <= 1536 MB); "
           f"caption: {row['caption']!r}")
-    seconds, peak_mb = run_command([sys.executable, "-c", "import captioner.api"])
-    print(f"  (for scale: `import captioner.api` alone peaks at {peak_mb:.0f} MB)")
+    small = Path(args.images) / sorted(os.listdir(args.images))[0]
+    seconds, peak_mb = run_command(caption_command([str(small)], tmp / "small.jsonl", args))
+    print(f"  for scale, the same on one {'×'.join(map(str, Image.open(small).size))} photo: {seconds:.1f} s, "
+          f"peak RSS {peak_mb:.0f} MB")
+    if not args.special_count:
+        return
 
     good, mixed = tmp / "good", tmp / "mixed"
     good.mkdir()
@@ -216,8 +234,10 @@ def bench_special(args: argparse.Namespace, tmp: Path) -> None:
             assert sum(1 for row in rows if row["caption"]) == args.special_count, "a good photo was not captioned"
             times[name].append(seconds)
     without, with_fifo = statistics.median(times["without"]), statistics.median(times["with"])
+    changes = [100 * (b / a - 1) for a, b in zip(times["without"], times["with"], strict=True)]
     print(f"{args.special_count} photos: {without:.2f} s; the same plus a named pipe: {with_fifo:.2f} s "
-          f"({100 * (with_fifo / without - 1):+.1f} %, target within 10 %; median of {args.rounds} alternating rounds)")
+          f"({100 * (with_fifo / without - 1):+.1f} %, target within 10 %; median of {args.rounds} alternating rounds; "
+          f"per round {', '.join(f'{c:+.1f} %' for c in changes)})")
 
 
 def main() -> None:
@@ -228,7 +248,8 @@ def main() -> None:
     parser.add_argument("--agreement", type=int, default=0, metavar="N",
                         help="compare draft and full decoding on N upscaled Flickr8k val photos")
     parser.add_argument("--special", action="store_true", help="the 200-MP JPEG and named-pipe figures")
-    parser.add_argument("--special-count", type=int, default=50)
+    parser.add_argument("--special-count", type=int, default=50,
+                        help="good photos in the named-pipe batch (0: skip that part)")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput figures")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
