@@ -227,7 +227,8 @@ def bench_special(args: argparse.Namespace, tmp: Path) -> None:
     os.mkfifo(mixed / "fifo.jpg")
     times: dict[str, list[float]] = {"without": [], "with": []}
     for number in range(args.rounds):
-        for name, folder in (("without", good), ("with", mixed)):
+        pair = [("without", good), ("with", mixed)]
+        for name, folder in pair if number % 2 == 0 else pair[::-1]:  # which goes first alternates
             output = tmp / f"{name}{number}.jsonl"
             seconds, _ = run_command(caption_command([str(folder)], output, args))
             rows = [json.loads(line) for line in open(output, encoding="utf-8")]
