@@ -11,6 +11,7 @@ from PIL import Image
 
 from captioner.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from captioner.config import DecodeConfig
+from captioner.images import DEFAULT_MAX_PIXELS
 from captioner.inference import Caption, decode_features
 from captioner.rerank import ConsensusReranker, RerankConfig, reranker_for
 from captioner.utils import resolve_device
@@ -35,21 +36,24 @@ class Captioner:
     """A trained decoder with the CNN it was trained on. Load once, caption many images."""
 
     def __init__(self, checkpoint: Checkpoint, encoder: Any, device: torch.device,
-                 reranker: ConsensusReranker | None = None):
+                 reranker: ConsensusReranker | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.checkpoint = checkpoint
         self.encoder = encoder
         self.device = device
         self.reranker = reranker
+        self.max_pixels = max_pixels  # the most pixels decoded per image (see captioner.images.load_image)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
                         encoder_weights: str | Path | None = None, memory: str | Path | None = None,
-                        rerank: RerankConfig | None = None) -> Captioner:
+                        rerank: RerankConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Captioner:
         """Load a checkpoint (default: `default_checkpoint_path()`, $CAPTIONER_CHECKPOINT or the shipped Flickr8k
         model) and the CNN its encoder entry names.
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
-        re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
+        re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings).
+        max_pixels: the most pixels decoded per image; larger JPEGs are decoded at reduced scale, other
+        formats refused (see `captioner.images.load_image`)."""
         from captioner.encoder import checkpoint_encoder
 
         if path is None:
@@ -61,11 +65,24 @@ class Captioner:
                                      weights=encoder_weights)
         encoder.to(device_)
         reranker = None if memory is None else reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
-        return cls(checkpoint, encoder, device_, reranker)
+        return cls(checkpoint, encoder, device_, reranker, max_pixels=max_pixels)
 
     @property
     def vocab(self):
         return self.checkpoint.vocab
+
+    @property
+    def draft_size(self) -> int:
+        """JPEGs are decoded at reduced scale down to this side, no further (twice the CNN's input)."""
+        from captioner.features import jpeg_draft_size
+
+        return jpeg_draft_size(self.encoder.preprocessor)
+
+    def load_image(self, image: ImageInput) -> Image.Image:
+        """An image as `caption` loads it: reduced-scale JPEG decoding, this captioner's pixel limit."""
+        from captioner.images import load_image
+
+        return load_image(image, max_pixels=self.max_pixels, draft_size=self.draft_size)
 
     def decode_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
         return replace(config or DecodeConfig(), **overrides)
@@ -80,7 +97,7 @@ class Captioner:
         """Caption PIL images, paths or encoded bytes. Options are DecodeConfig fields, e.g.
         `strategy="beam", beam_size=3, n_best=1`. An unreadable image gets a result with `.error`."""
         from captioner.features import features_for_images
-        from captioner.images import ImageLoadError, load_image
+        from captioner.images import ImageLoadError
 
         if not isinstance(images, list):
             images = [images]
@@ -93,7 +110,7 @@ class Captioner:
                 source = str(image) if isinstance(image, (str, Path)) else type(image).__name__
                 result = CaptionResult(source)
                 try:
-                    loaded.append(load_image(image))
+                    loaded.append(self.load_image(image))
                 except ImageLoadError as error:
                     result.error = str(error)
                 chunk_results.append(result)

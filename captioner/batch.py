@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.config import DecodeConfig
+from captioner.images import not_a_regular_file
 from captioner.utils import progress_bar, write_text_atomic
 
 if TYPE_CHECKING:
     from captioner.api import Captioner
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".heic",
+                    ".heif", ".avif"}
 CSV_FIELDS = ["image", "rank", "caption", "log_prob", "score", "error"]
 
 
@@ -37,7 +39,8 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False) -> tuple[list[
 
     Folders contribute files with an image extension (sorted; sub-folders only with `recursive`,
     never following symlinked folders, so a symlink loop cannot trap the walk). A named file is
-    always tried, whatever its extension.
+    always tried, whatever its extension. A path that is not a regular file (a named pipe, socket or
+    device, which could block the reader forever) becomes a problem and is never opened.
     """
     paths: list[str] = []
     problems: list[tuple[str, str]] = []
@@ -56,7 +59,9 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False) -> tuple[list[
             problems.append((item, "no such file or folder"))
     seen: set[str] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
-    return unique, problems
+    special = {path: reason for path in unique if (reason := not_a_regular_file(path)) is not None}
+    problems.extend((path, special[path]) for path in unique if path in special)
+    return [path for path in unique if path not in special], problems
 
 
 def _scan_folder(folder: str, recursive: bool) -> list[str]:
@@ -164,12 +169,14 @@ def _row(image: str, captions: list | None = None, error: str | None = None) -> 
 # ------------------------------------------------------------------------------------------ run
 def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config: DecodeConfig, output: str | None = None,
                   recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
-                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128) -> int:
+                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128,
+                  max_pixels: int | None = None) -> int:
     """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
 
     `checkpoint`: a checkpoint path, or a `Captioner` already loaded (then `device` is ignored).
     `batch_size` images go through the CNN at a time; their features are decoded `decode_batch_size` (or
-    more) at a time, and the results of each decoded group are written before the next is loaded."""
+    more) at a time, and the results of each decoded group are written before the next is loaded.
+    `max_pixels`: the most pixels decoded per image (default: the Captioner's, see `load_image`)."""
     import torch
 
     from captioner.api import Captioner
@@ -200,7 +207,8 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner, config:
             writer.write(rows)
 
     emit([_row(item, error=problem) for item, problem in problems])
-    loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
+    loader = image_loader(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers,
+                          max_pixels=captioner.max_pixels if max_pixels is None else max_pixels)
     bar = progress_bar(loader, desc="captioning", enabled=progress, total=len(loader), unit="batch")
     # The CNN runs per loader batch; the decoder waits for `decode_batch_size` features (several loader
     # batches), because batched beam search gains more from large batches than the CNN does.

@@ -71,6 +71,18 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
                         no_repeat_ngram_size=args.no_repeat_ngram_size, seed=args.seed)
 
 
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    from captioner.images import DEFAULT_MAX_PIXELS, JPEG_HEADER_FACTOR, PROGRESSIVE_JPEG_HEADER_FACTOR
+
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"the most pixels decoded per image (default {DEFAULT_MAX_PIXELS:,}: about "
+             f"{3 * DEFAULT_MAX_PIXELS / 1e6:,.0f} MB as RGB, a few times that while converting). Larger JPEGs "
+             f"are decoded at 1/2, 1/4 or 1/8 scale to fit (up to {JPEG_HEADER_FACTOR}× N pixels in the header, "
+             f"{PROGRESSIVE_JPEG_HEADER_FACTOR}× N for progressive JPEGs, whose decoder holds 3-6 bytes per "
+             "header pixel); other formats larger than N are refused as possible decompression bombs")
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--data", required=required,
                         help="dataset folder or annotation file (Karpathy json, COCO captions json, or "
@@ -107,7 +119,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         records = [r for r in dataset.records if r.split in splits]
         encoder = _features_encoder(args)
         cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
-                                 num_workers=args.workers, device=device)
+                                 num_workers=args.workers, device=device, max_pixels=args.max_pixels)
         distributed.print0(f"{len(cache)} image features in {args.out}")
     return 1 if cache.meta.get("failed") else 0
 
@@ -194,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), out_dir=args.out,
                                  features_dir=args.features, batch_size=args.batch_size, device=args.device,
                                  coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
-                                 rerank=rerank)
+                                 rerank=rerank, max_pixels=args.max_pixels)
     return 1 if report["skipped_images"] else 0
 
 
@@ -211,7 +223,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             return distributed.caption_paths_sharded(
                 args.paths, checkpoint=args.checkpoint or default_checkpoint(), config=decode_config(args),
                 output=args.output, recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
-                num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
+                num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size,
+                max_pixels=args.max_pixels)
     checkpoint = args.checkpoint or default_checkpoint()
     if rerank is not None:
         from captioner.api import Captioner
@@ -220,14 +233,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return caption_paths(args.paths, checkpoint=checkpoint,
                          config=decode_config(args), output=args.output, recursive=args.recursive,
                          resume=args.resume, batch_size=args.batch_size, num_workers=args.workers,
-                         device=args.device, decode_batch_size=args.decode_batch_size)
+                         device=args.device, decode_batch_size=args.decode_batch_size,
+                         max_pixels=args.max_pixels)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.demo import launch
 
     launch(args.checkpoint or default_checkpoint(), host=args.host, port=args.port, share=args.share,
-           memory=args.memory, rerank=rerank_config(args))
+           memory=args.memory, rerank=rerank_config(args), max_pixels=args.max_pixels)
     return 0
 
 
@@ -298,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_image_arguments(p)
     add_decode_arguments(p)
     add_rerank_arguments(p, "a caption memory (`captioner memory`): re-rank beam candidates by consensus")
     p.set_defaults(func=cmd_caption)
@@ -316,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--coco-eval", action="store_true", help="also run pycocoevalcap's COCOEvalCap (needs Java)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    add_image_arguments(p)
     add_decode_arguments(p)
     add_rerank_arguments(p, "re-rank beam candidates by consensus with a caption memory: a file made by "
                             "`captioner memory`, or 'train' to build one from --data's train split")
@@ -345,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto")
+    add_image_arguments(p)
     p.set_defaults(func=cmd_features)
 
     p = commands.add_parser("train", help="train a decoder on cached features")
@@ -420,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    add_image_arguments(p)
     add_rerank_arguments(p, "a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
     p.set_defaults(func=cmd_demo)
 

@@ -165,7 +165,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def caption_paths_sharded(inputs: list[str], checkpoint: str | Path, config: Any, output: str | Path | None,
                           recursive: bool = False, resume: bool = False, batch_size: int = 32,
                           num_workers: int | None = None, device: str = "auto", progress: bool = True,
-                          decode_batch_size: int = 128) -> int:
+                          decode_batch_size: int = 128, max_pixels: int | None = None) -> int:
     """`captioner caption` under torchrun: rank k captions its share of the images into
     `<output>.rank<k>.jsonl`, then rank 0 merges the shares into `output` in input order and deletes them.
 
@@ -197,7 +197,8 @@ def caption_paths_sharded(inputs: list[str], checkpoint: str | Path, config: Any
     mine = [todo[position] for position in shard_batches(len(todo), batch_size)]
     status = caption_paths(mine, checkpoint=checkpoint, config=config, output=str(rank_file(output, rank())),
                            resume=True, batch_size=batch_size, num_workers=num_workers, device=device,
-                           progress=progress and is_main(), decode_batch_size=decode_batch_size)
+                           progress=progress and is_main(), decode_batch_size=decode_batch_size,
+                           max_pixels=max_pixels)
     statuses = all_gather_object(status)
     if is_main():
         writer = ResultWriter(output, resume=True)

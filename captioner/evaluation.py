@@ -29,6 +29,7 @@ from captioner import distributed
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
+from captioner.images import DEFAULT_MAX_PIXELS
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, compute_scores
 from captioner.model import CaptionDecoder
@@ -63,7 +64,8 @@ def coco_result_id(record: CaptionRecord) -> int | str:
 
 def image_features(records: list[CaptionRecord], encoder_name: str, features_dir: str | Path | None,
                    batch_size: int, device: torch.device, weights_hash: str | None = None,
-                   weights: Mapping[str, torch.Tensor] | None = None) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
+                   weights: Mapping[str, torch.Tensor] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
     """Features for the records: from a cache when given (it must match the checkpoint's encoder),
     else by running the CNN (with `weights`, a checkpoint's own CNN weights, when given). Returns the
     records that have features, the features, and problems."""
@@ -87,7 +89,7 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
 
     encoder = checkpoint_encoder({"encoder": encoder_name, "weights_hash": weights_hash}, "the checkpoint", weights)
     features, failures = compute_features([r.image_path for r in records], encoder, batch_size=batch_size,
-                                          device=device)
+                                          device=device, max_pixels=max_pixels)
     failed = {index for index, _ in failures}
     kept = [r for i, r in enumerate(records) if i not in failed]
     problems = [f"{records[i].image_path}: {reason}" for i, reason in failures]
@@ -97,6 +99,7 @@ def image_features(records: list[CaptionRecord], encoder_name: str, features_dir
 def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any], features_dirs: list[str | Path],
                             batch_size: int, device: torch.device,
                             encoder_state: Mapping[str, torch.Tensor] | None = None,
+                            max_pixels: int = DEFAULT_MAX_PIXELS,
                             ) -> tuple[list[CaptionRecord], torch.Tensor, list[str]]:
     """image_features() for one checkpoint, from the first of `features_dirs` made by its encoder (its
     `encoder` entry; `encoder_state`: its own CNN weights, when it carries them)."""
@@ -112,7 +115,7 @@ def features_for_checkpoint(records: list[CaptionRecord], encoder: dict[str, Any
         same_weights = [d for d in matching if metas[d].get("weights_hash") == encoder.get("weights_hash")]
         features_dirs = same_weights or matching
     return image_features(records, name, features_dirs[0] if features_dirs else None, batch_size, device,
-                          encoder.get("weights_hash"), encoder_state)
+                          encoder.get("weights_hash"), encoder_state, max_pixels)
 
 
 def join_member_features(records: list[CaptionRecord],
@@ -131,13 +134,13 @@ def join_member_features(records: list[CaptionRecord],
 
 
 def build_memory(dataset: Any, split: str, checkpoint: Any, features_dirs: list[str | Path], batch_size: int,
-                 device: torch.device) -> CaptionMemory:
+                 device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS) -> CaptionMemory:
     """A caption memory of one split's images (features from a matching cache, else the checkpoint's CNN)."""
     records = dataset.split(split)
     if not records:
         raise ValueError(f"the dataset has no {split!r} images to build a caption memory from")
     records, features, problems = features_for_checkpoint(records, checkpoint.encoder, features_dirs, batch_size,
-                                                          device, checkpoint.encoder_state)
+                                                          device, checkpoint.encoder_state, max_pixels)
     for problem in problems:
         print(f"warning: left out of the memory: {problem}")
     return CaptionMemory.build(records, features, checkpoint.encoder)
@@ -148,14 +151,14 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
                         features_dir: str | Path | list[str | Path] | None = None,
                         batch_size: int = 64, device: str = "auto", coco_eval: bool = False,
                         html: bool = True, quiet: bool = False, memory: str | Path | CaptionMemory | None = None,
-                        rerank: RerankConfig | None = None) -> dict[str, Any]:
+                        rerank: RerankConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Decode and score one split; print the table; write the report files when `out_dir` is given.
 
     Several checkpoints (a list) are decoded jointly as an ensemble (`captioner.ensemble`); each reads
     its features from the cache in `features_dir` (one or a list) that its encoder made.
     `memory`: re-rank beam candidates by consensus (`captioner.rerank`) with a caption memory (a file, a
     `CaptionMemory`, or "train" to build one from the dataset's train split); it must hold none of the
-    scored split's images.
+    scored split's images. `max_pixels`: the most pixels decoded per image when the CNN runs on images.
     """
     device_ = resolve_device(device)
     paths = list(checkpoint_path) if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path]
@@ -168,7 +171,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         raise ValueError(f"the dataset has no {split!r} images")
     started = time.perf_counter()
     records, features, problems = join_member_features(records, [
-        features_for_checkpoint(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state)
+        features_for_checkpoint(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state,
+                                max_pixels)
         for member in checkpoints])
     for problem in problems:
         print(f"warning: skipped {problem}")
@@ -178,7 +182,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         if len(checkpoints) > 1:
             raise ValueError("consensus re-ranking works with one checkpoint, not an ensemble")
         if isinstance(memory, str) and memory == "train":
-            memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_)
+            memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_, max_pixels)
         reranker = reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
         reranker.memory.check_disjoint([r.image_id for r in records], split)
     decode_start = time.perf_counter()

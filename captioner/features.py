@@ -181,6 +181,13 @@ class FeatureCache:
 # ------------------------------------------------------------------------------------------ extraction
 
 
+def jpeg_draft_size(preprocessor: Preprocessor) -> int:
+    """The side JPEGs are decoded to at least (reduced-scale decoding, `load_image(draft_size=...)`): twice
+    the size the preprocessing resizes to, so the antialiased resize that follows still averages at least
+    2×2 decoded pixels into each CNN pixel. Photos with a shorter side under twice this are decoded in full."""
+    return 2 * max(preprocessor.input_size, preprocessor.resize_size)
+
+
 class _ImageFiles(Dataset):
     """Position -> (position, uint8 pixels (3, H, W) or None, reason or None) for a list of image files.
 
@@ -195,7 +202,7 @@ class _ImageFiles(Dataset):
         self.paths = list(paths)
         self.preprocessor = preprocessor
         self.max_pixels = max_pixels
-        self.draft_size = preprocessor.input_size if draft else None
+        self.draft_size = jpeg_draft_size(preprocessor) if draft else None
         self.load_threads = load_threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -279,7 +286,7 @@ def image_loader(
     load_threads: int | None = None,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
-    draft: bool = False,
+    draft: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ImageLoader:
     """Load and preprocess image files in batches, in order, for `encoder`; bad files become failures.
@@ -292,7 +299,10 @@ def image_loader(
     device: where the normalised batches go (default: the encoder's device).
     channels_last: give the CNN channels-last batches; None chooses it on CPU, where it is faster for
         EfficientNet-Lite0 (`scripts/bench/features.py --no-channels-last` measures the difference).
-    draft: let the JPEG decoder downscale large photos while decoding (`load_image(draft_size=...)`).
+    draft: let the JPEG decoder downscale large photos while decoding, to no less than
+        `jpeg_draft_size(encoder.preprocessor)`; False decodes every photo in full (slower, same pixels for
+        photos under twice that size).
+    max_pixels: the most pixels decoded per image (see `load_image`).
     """
     device = torch.device(device) if device is not None else encoder.device
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -431,7 +441,7 @@ def extract_features(
     progress: bool = True,
     load_threads: int | None = None,
     channels_last: bool | None = None,
-    draft: bool = False,
+    draft: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FeatureCache:
     """Compute `encoder` features once per unique `image_id` of `records` into the cache at `out_dir`.
@@ -443,15 +453,16 @@ def extract_features(
     not retried on later runs (delete the cache to retry them). The encoder moves to `device`.
     num_workers, load_threads, channels_last, draft, max_pixels: see `image_loader`. num_workers=None
     (the default) picks by device: in-process threaded loading on CPU, worker processes on GPU.
-    draft changes pixels slightly, so it is recorded in the preprocessing and off by default.
+    draft changes the pixels of photos whose shorter side is at least twice `jpeg_draft_size` (never those
+    of Flickr8k or COCO, which are smaller), so it is recorded in meta.json ("jpeg_draft_size") but not
+    compared when a cache is resumed: caches made before it existed stay usable.
     Under torchrun every rank calls this with the same records: each extracts its batches, rank 0 merges,
     and every rank returns the finished cache (see the module notes).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = cache_fingerprint(encoder)
-    if draft:
-        fingerprint["preprocessing"] = {**fingerprint["preprocessing"], "jpeg_draft": True}
+    fingerprint["jpeg_draft_size"] = jpeg_draft_size(encoder.preprocessor) if draft else None
 
     wanted: dict[str, Path] = {}
     for record in records:
@@ -639,14 +650,16 @@ def _write_cache(out_dir: Path, rows: np.ndarray, ids: list[str], failed: list[d
 
 
 def features_for_images(encoder: Encoder, images: Iterable[Image.Image | str | Path | bytes],
-                        batch_size: int = 64) -> torch.Tensor:
+                        batch_size: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Features of in-memory images (or paths / encoded bytes): float32 (N, feature_dim).
 
     Values are rounded through float16, exactly as a cache stores them, so a caption computed from a
     photo matches the one computed from its cached features. Raises ImageLoadError for a bad image.
     """
     preprocessor = encoder.preprocessor
-    pixels = [preprocessor.to_pixels(load_image(image)) for image in images]
+    draft_size = jpeg_draft_size(preprocessor)
+    pixels = [preprocessor.to_pixels(load_image(image, max_pixels=max_pixels, draft_size=draft_size))
+              for image in images]
     if not pixels:
         return torch.zeros((0, encoder.feature_dim), dtype=torch.float32)
     channels_last = encoder.device.type == "cpu"
@@ -673,13 +686,14 @@ def compute_features(
     device: str | torch.device | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """Features of image files without a cache: float32 (number loaded, feature_dim), in input order with
     the failures left out, and [(position, reason)] for the files that did not load. Values are rounded
     through float16 like a cache's."""
     if device is not None:
         encoder.to(device)
-    loader = image_loader(paths, encoder, batch_size=batch_size, num_workers=num_workers)
+    loader = image_loader(paths, encoder, batch_size=batch_size, num_workers=num_workers, max_pixels=max_pixels)
     outputs: list[torch.Tensor] = []
     failures: list[tuple[int, str]] = []
     bar = tqdm(total=len(paths), unit="img", desc="features", disable=None if progress else True, file=sys.stderr)
