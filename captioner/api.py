@@ -13,7 +13,8 @@ from captioner.checkpoint import Checkpoint, load_for_inference
 from captioner.config import DecodeConfig
 from captioner.encoders.registry import Encoder
 from captioner.features.encode import encode_images
-from captioner.images import ImageLoadError, load_image
+from captioner.features.loader import jpeg_draft_size
+from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from captioner.inference import Caption, decode_features
 from captioner.rerank import ConsensusReranker, RerankConfig, reranker_for
 from captioner.utils import resolve_device
@@ -38,29 +39,41 @@ class Captioner:
     """A trained decoder with the CNN it was trained on. Load once, caption many images."""
 
     def __init__(self, checkpoint: Checkpoint, encoder: Encoder, device: torch.device,
-                 reranker: ConsensusReranker | None = None):
+                 reranker: ConsensusReranker | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.checkpoint = checkpoint
         self.encoder = encoder
         self.device = device
         self.reranker = reranker
+        self.max_pixels = max_pixels  # the most pixels decoded per image (see captioner.images.load_image)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto",
                         encoder_weights: str | Path | None = None, memory: str | Path | None = None,
-                        rerank: RerankConfig | None = None) -> Captioner:
+                        rerank: RerankConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Captioner:
         """Load a checkpoint (default: `default_checkpoint_path()`, $CAPTIONER_CHECKPOINT or the shipped Flickr8k
         model) and the CNN its encoder entry names.
 
         memory: a caption memory (`captioner memory`) built with this checkpoint's CNN; beam search then
-        re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings)."""
+        re-ranks its candidates by consensus with the nearest memory images' captions (`rerank` settings).
+        max_pixels: the most pixels decoded per image; larger JPEGs are decoded at reduced scale, other
+        formats refused (see `captioner.images.load_image`)."""
         device_ = resolve_device(device)
         checkpoint, encoder = load_for_inference(path, device_, encoder_weights)
         reranker = None if memory is None else reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
-        return cls(checkpoint, encoder, device_, reranker)
+        return cls(checkpoint, encoder, device_, reranker, max_pixels=max_pixels)
 
     @property
     def vocab(self):
         return self.checkpoint.vocab
+
+    @property
+    def draft_size(self) -> int:
+        """JPEGs are decoded at reduced scale down to this side, no further (twice the CNN's input)."""
+        return jpeg_draft_size(self.encoder.preprocessor)
+
+    def load_image(self, image: ImageInput) -> Image.Image:
+        """An image as `caption` loads it: reduced-scale JPEG decoding, this captioner's pixel limit."""
+        return load_image(image, max_pixels=self.max_pixels, draft_size=self.draft_size)
 
     def decode_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
         return replace(config or DecodeConfig(), **overrides)
@@ -85,13 +98,13 @@ class Captioner:
                 source = str(image) if isinstance(image, (str, Path)) else type(image).__name__
                 result = CaptionResult(source)
                 try:
-                    loaded.append(load_image(image))
+                    loaded.append(self.load_image(image))
                     loaded_results.append(result)
                 except ImageLoadError as error:
                     result.error = str(error)
                 chunk_results.append(result)
             if loaded:
-                encoded = encode_images(loaded, self.encoder)
+                encoded = encode_images(loaded, self.encoder, max_pixels=self.max_pixels)
                 for position, reason in encoded.failures:
                     loaded_results[position].error = f"{loaded_results[position].source}: {reason}"
                 captions = self.caption_features(encoded.features, config)

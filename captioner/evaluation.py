@@ -29,6 +29,7 @@ from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
 from captioner.ensemble import load_decoder
 from captioner.features.records import record_features
+from captioner.images import DEFAULT_MAX_PIXELS
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, captions_by_image, compute_scores, score_captions
 from captioner.metrics.nltk_bleu import NLTK_BLEU_LABEL, TOKENISATION, nltk_corpus_bleu
@@ -77,13 +78,13 @@ def join_member_features(records: list[CaptionRecord],
 
 
 def build_memory(dataset: Any, split: str, checkpoint: Any, features_dirs: list[str | Path], batch_size: int,
-                 device: torch.device) -> CaptionMemory:
+                 device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS) -> CaptionMemory:
     """A caption memory of one split's images (features from a matching cache, else the checkpoint's CNN)."""
     records = dataset.split(split)
     if not records:
         raise ValueError(f"the dataset has no {split!r} images to build a caption memory from")
     records, features, problems = record_features(records, checkpoint.encoder, features_dirs, batch_size,
-                                                          device, checkpoint.encoder_state)
+                                                  device, checkpoint.encoder_state, max_pixels)
     for problem in problems:
         print(f"warning: left out of the memory: {problem}")
     return CaptionMemory.build(records, features, checkpoint.encoder)
@@ -94,14 +95,14 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
                         features_dir: str | Path | list[str | Path] | None = None,
                         batch_size: int = 64, device: str = "auto", coco_eval: bool = False,
                         html: bool = True, quiet: bool = False, memory: str | Path | CaptionMemory | None = None,
-                        rerank: RerankConfig | None = None) -> dict[str, Any]:
+                        rerank: RerankConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Decode and score one split; print the table; write the report files when `out_dir` is given.
 
     Several checkpoints (a list) are decoded jointly as an ensemble (`captioner.ensemble`); each reads
     its features from the cache in `features_dir` (one or a list) that its encoder made.
     `memory`: re-rank beam candidates by consensus (`captioner.rerank`) with a caption memory (a file, a
     `CaptionMemory`, or "train" to build one from the dataset's train split); it must hold none of the
-    scored split's images.
+    scored split's images. `max_pixels`: the most pixels decoded per image when the CNN runs on images.
     """
     device_ = resolve_device(device)
     paths = list(checkpoint_path) if isinstance(checkpoint_path, (list, tuple)) else [checkpoint_path]
@@ -114,7 +115,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         raise ValueError(f"the dataset has no {split!r} images")
     started = time.perf_counter()
     records, features, problems = join_member_features(records, [
-        record_features(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state)
+        record_features(records, member.encoder, features_dirs, batch_size, device_, member.encoder_state,
+                        max_pixels)
         for member in checkpoints])
     for problem in problems:
         print(f"warning: skipped {problem}")
@@ -124,7 +126,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
         if len(checkpoints) > 1:
             raise ValueError("consensus re-ranking works with one checkpoint, not an ensemble")
         if isinstance(memory, str) and memory == "train":
-            memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_)
+            memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_, max_pixels)
         reranker = reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
         reranker.memory.check_disjoint([r.image_id for r in records], split)
     decode_start = time.perf_counter()

@@ -1,18 +1,26 @@
 """Safe image loading: the one place every door (training, captioning, the demo) opens an image.
 
 `load_image` returns an upright 8-bit RGB `PIL.Image.Image` or raises `ImageLoadError`, whose message
-names the file and the reason. It refuses oversized images from the header alone (before any pixel is
-decoded), forces a full decode so that truncated files fail here rather than later, applies the EXIF
-orientation, keeps the first frame of animations and turns every PIL mode into a sensible RGB image:
-alpha is composited on white and 16-bit / integer / float data are scaled down, not clipped.
+names the file and the reason. For a path it first checks what the path is (only regular files are
+opened: a named pipe, socket or device would block or never end) and reads the file in a worker
+thread that gives up when no byte arrives for `read_timeout` seconds (a stalled network mount).
+JPEGs are decoded at reduced scale when the caller needs fewer pixels (`draft_size`) or when the full
+size would exceed `max_pixels`; every other format must be decoded in full, so its header size is
+checked against `max_pixels` before any pixel is decoded. HEIC/HEIF photos are read through
+pillow-heif, registered the first time such a file is met. Decoding is forced, so truncated files fail
+here rather than later; the EXIF orientation is applied, the first frame of an animation kept, and
+every PIL mode becomes a sensible RGB image: alpha is composited on white and 16-bit / integer / float
+data are scaled down, not clipped.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
-import warnings
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,9 +28,31 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# A sequential JPEG decoded at 1/8 scale has 1/64 of its header's pixels and needs only a few rows of
+# working memory, so 64 × max_pixels is the largest header that reduced decoding can bring under the
+# limit; beyond it the file is refused unread. A progressive JPEG's decoder keeps every DCT coefficient
+# of the full image whatever the scale (2 bytes each: 3 bytes a header pixel at 4:2:0, 6 at 4:4:4), so
+# its header may be at most 4 × max_pixels: about the memory a full decode at the limit costs.
+JPEG_HEADER_FACTOR = 64
+PROGRESSIVE_JPEG_HEADER_FACTOR = 4
+DEFAULT_READ_TIMEOUT = 30.0  # seconds without a byte before a read is given up
+# Files are read into memory before decoding (so a stall can be timed out); the largest plain image a
+# pixel limit admits stores 8 bytes a pixel (16-bit RGBA), so bigger files are refused unread.
+_FILE_BYTES_PER_PIXEL = 8
+_MIN_FILE_LIMIT = 64 * 2**20
+_READ_CHUNK = 2**20
+_JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a phone's JPEG with a depth map or preview as a second frame
 _EXIF_ORIENTATION = 0x0112
 _WHITE = (255, 255, 255)
 _OPEN_LOCK = threading.Lock()
+_HEIF_LOCK = threading.Lock()
+_heif_registered = False
+# ISO base media `ftyp` brands: HEIF stills (HEVC-coded, or the generic image brands), AVIF, video.
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+_GENERIC_IMAGE_BRANDS = {b"mif1", b"msf1", b"mif2", b"heif"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_VIDEO_BRANDS = {b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"qt  ", b"M4V ", b"M4A ",
+                 b"3gp4", b"3gp5", b"3gp6", b"3g2a", b"avc1", b"dash", b"MSNV", b"f4v "}
 
 
 class ImageLoadError(ValueError):
@@ -38,14 +68,17 @@ def load_image(
     source: str | Path | bytes | Image.Image,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> Image.Image:
     """Open `source` (a path, encoded bytes or a PIL image) as an upright RGB image.
 
-    max_pixels: width × height above which the image is refused, checked from the header before decoding.
-        PIL's own hard limit (2 × `PIL.Image.MAX_IMAGE_PIXELS`) still applies on top of it.
+    max_pixels: the most pixels decoded. A JPEG larger than that is decoded at 1/2, 1/4 or 1/8 scale to
+        fit (its header may declare up to 64× the limit, 4× for a progressive JPEG); any other format
+        larger than that is refused from its header, before decoding (a possible decompression bomb).
     draft_size: for JPEGs, let the decoder downscale by a power of two while keeping both sides at least
-        this many pixels (`Image.draft`); cheaper decoding for large photos, slightly different pixels.
-        None (the default) decodes at full size.
+        this many pixels (`Image.draft`); much cheaper decoding for large photos, slightly different
+        pixels. None (the default) decodes at full size when the limit allows.
+    read_timeout: seconds without a byte after which reading a file is given up (a stalled mount).
     """
     if isinstance(source, Image.Image):
         return _to_upright_rgb(_loaded(source, "<PIL image>", max_pixels), "<PIL image>")
@@ -57,56 +90,241 @@ def load_image(
         return _decode(io.BytesIO(data), name, max_pixels, draft_size, head=data[:512])
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_image expects a path, bytes or a PIL image, not {type(source).__name__}")
+    data = read_image_file(source, timeout=read_timeout, max_bytes=file_size_limit(max_pixels))
+    return _decode(io.BytesIO(data), str(Path(source)), max_pixels, draft_size, head=data[:512])
 
-    path = Path(source)
-    name = str(path)
+
+def file_size_limit(max_pixels: int) -> int:
+    """The largest file (bytes) `load_image` reads for a pixel limit: 8 bytes a pixel, at least 64 MiB."""
+    return max(_MIN_FILE_LIMIT, _FILE_BYTES_PER_PIXEL * max_pixels)
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file (`os.stat(...).st_mode`), else what it is, in a few words."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """The error reason for a path that exists but is not a regular file (following symlinks), else None.
+
+    For input walks: a named pipe or socket would block the reader, a device might never end. A path that
+    cannot be stat'ed gives None here; opening it reports the real problem."""
     try:
-        file = open(path, "rb")  # closed by the `with` below
-    except FileNotFoundError:
-        raise ImageLoadError(name, "file not found") from None
-    except PermissionError:
-        raise ImageLoadError(name, "permission denied") from None
-    except IsADirectoryError:
-        raise ImageLoadError(name, "is a directory, not an image file") from None
-    except OSError as error:
-        raise ImageLoadError(name, f"cannot open file ({error.strerror or error})") from None
-    with file:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kind = file_kind(mode)
+    if kind is None:
+        return None
+    return "is a directory, not an image file" if kind == "directory" else f"not a regular file: {kind}"
+
+
+def read_image_file(path: str | os.PathLike, timeout: float = DEFAULT_READ_TIMEOUT,
+                    max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file at `path`, or ImageLoadError with the reason.
+
+    Only a regular file is opened (checked with os.stat, following symlinks, and again on the open
+    descriptor). The stat, the open and the reads run in a worker thread; when it makes no progress for
+    `timeout` seconds the call gives up with "timed out reading" (the thread is left to finish, or to stay
+    stuck in the kernel, on its own: a read on a stalled network mount cannot be interrupted)."""
+    name = str(Path(path))
+
+    def work(progress: Callable[[], None]) -> bytes:
         try:
-            size = os.fstat(file.fileno()).st_size
-            head = file.read(512)
-            file.seek(0)
+            status = os.stat(path)
+        except FileNotFoundError:
+            raise ImageLoadError(name, "file not found") from None
+        except PermissionError:
+            raise ImageLoadError(name, "permission denied") from None
+        except OSError as error:
+            raise ImageLoadError(name, f"cannot open file ({error.strerror or error})") from None
+        _check_regular(status.st_mode, name)
+        _check_size(status.st_size, name, max_bytes)
+        progress()
+        try:
+            # O_NONBLOCK: should the path have become a named pipe since the stat, the open returns at
+            # once instead of waiting for a writer (the fstat below then refuses it). No effect on files.
+            descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except PermissionError:
+            raise ImageLoadError(name, "permission denied") from None
+        except OSError as error:
+            raise ImageLoadError(name, f"cannot open file ({error.strerror or error})") from None
+        try:
+            _check_regular(os.fstat(descriptor).st_mode, name)
+            return _read_all(descriptor, name, progress, max_bytes)
+        finally:
+            os.close(descriptor)
+
+    return _with_stall_timeout(work, name, timeout)
+
+
+def read_descriptor(descriptor: int, name: str, timeout: float = DEFAULT_READ_TIMEOUT,
+                    max_bytes: int | None = None) -> bytes:
+    """All bytes of an open file descriptor, giving up with ImageLoadError("timed out reading ...") when
+    none arrives for `timeout` seconds. The descriptor stays open (it is the caller's)."""
+    return _with_stall_timeout(lambda progress: _read_all(descriptor, name, progress, max_bytes), name, timeout)
+
+
+def _check_regular(mode: int, name: str) -> None:
+    kind = file_kind(mode)
+    if kind == "directory":
+        raise ImageLoadError(name, "is a directory, not an image file")
+    if kind is not None:
+        raise ImageLoadError(name, f"not a regular file: {kind}")
+
+
+def _check_size(size: int, name: str, max_bytes: int | None) -> None:
+    if size == 0:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    if max_bytes is not None and size > max_bytes:
+        raise ImageLoadError(name, f"file too large ({size / 2**20:,.0f} MiB > {max_bytes / 2**20:,.0f} MiB read "
+                                   "at this pixel limit; raise max_pixels to read it)")
+
+
+def _read_all(descriptor: int, name: str, progress: Callable[[], None], max_bytes: int | None) -> bytes:
+    chunks, total = [], 0
+    while True:
+        try:
+            chunk = os.read(descriptor, _READ_CHUNK)
         except OSError as error:
             raise ImageLoadError(name, f"cannot read file ({error.strerror or error})") from None
-        if size == 0:
-            raise ImageLoadError(name, "empty file (0 bytes)")
-        return _decode(file, name, max_pixels, draft_size, head=head)
+        if not chunk:
+            break
+        progress()
+        chunks.append(chunk)
+        total += len(chunk)
+        if max_bytes is not None and total > max_bytes:  # the file grew after the stat
+            _check_size(total, name, max_bytes)
+    _check_size(total, name, None)
+    return b"".join(chunks)
+
+
+def _with_stall_timeout(work: Callable[[Callable[[], None]], bytes], name: str, timeout: float) -> bytes:
+    """Run `work(progress)` in a daemon thread; raise ImageLoadError when `progress()` is not called for
+    `timeout` seconds before `work` returns."""
+    last_progress = [time.monotonic()]
+    outcome: dict[str, object] = {}
+    finished = threading.Event()
+
+    def progress() -> None:
+        last_progress[0] = time.monotonic()
+
+    def run() -> None:
+        try:
+            outcome["data"] = work(progress)
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name="read_image_file", daemon=True).start()
+    while not finished.wait(max(0.0, last_progress[0] + timeout - time.monotonic())):
+        if time.monotonic() - last_progress[0] >= timeout:
+            raise ImageLoadError(name, f"timed out reading: no data for {timeout:g} s (a stalled network mount, "
+                                       "or a pipe nobody writes to?)")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["data"]  # type: ignore[return-value]
+
+
+def _ftyp_brands(head: bytes) -> set[bytes]:
+    """The major and compatible brands of an ISO base media file's leading `ftyp` box (empty if none)."""
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return set()
+    end = min(len(head), int.from_bytes(head[:4], "big"))
+    return {head[8:12]} | {head[i:i + 4] for i in range(16, end - 3, 4)}
+
+
+def _is_heif(head: bytes) -> bool:
+    brands = _ftyp_brands(head)
+    return bool(brands & _HEIF_BRANDS) or bool(brands & _GENERIC_IMAGE_BRANDS and not brands & _AVIF_BRANDS)
+
+
+def _register_heif() -> bool:
+    """Register pillow-heif's opener with PIL, once per process; False when pillow-heif is not installed.
+    Imported only here, when a HEIF file is met, so `import captioner` stays cheap."""
+    global _heif_registered
+    with _HEIF_LOCK:
+        if not _heif_registered:
+            try:
+                import pillow_heif
+            except ImportError:
+                return False
+            pillow_heif.register_heif_opener()
+            _heif_registered = True
+    return True
+
+
+def _open(file: BinaryIO, name: str, head: bytes) -> Image.Image:
+    """Image.open with our own size checks deciding (see `_decode`), errors turned into ImageLoadError."""
+    if _is_heif(head):
+        _register_heif()
+    # PIL refuses (above 2 × MAX_IMAGE_PIXELS) or warns about large headers while opening; our checks,
+    # just after, decide instead (a 200-megapixel JPEG decoded at 1/8 scale is fine). The setting is
+    # process-wide, so threads take turns here (header parsing only; decoding happens outside the lock).
+    with _OPEN_LOCK:
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(file)
+        except UnidentifiedImageError:
+            raise ImageLoadError(name, _describe_unreadable(head)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageLoadError(name, f"corrupt image header ({error})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def _decode(file: BinaryIO, name: str, max_pixels: int, draft_size: int | None, head: bytes) -> Image.Image:
-    # PIL warns above MAX_IMAGE_PIXELS while reading the header; our own limit (checked just after)
-    # decides instead. catch_warnings swaps a process-wide filter list, so threads take turns here
-    # (header parsing only; decoding happens outside the lock).
-    with _OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(file)
-        except Image.DecompressionBombError as error:
-            raise ImageLoadError(name, f"too many pixels ({error}); refusing a possible decompression bomb") from None
-        except UnidentifiedImageError:
-            raise ImageLoadError(name, f"not an image: {_describe_non_image(head)}") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ImageLoadError(name, f"corrupt image header ({error})") from None
+    image = _open(file, name, head)
     try:
+        if image.format in _JPEG_FORMATS:
+            _draft_jpeg(image, name, max_pixels, draft_size)
         _check_pixels(image, name, max_pixels)
-        if draft_size is not None and image.format == "JPEG":
-            image.draft("RGB", (draft_size, draft_size))
         upright = _to_upright_rgb(_loaded(image, name, max_pixels), name, copy=False)
     except BaseException:
         image.close()
         raise
     if upright is not image:
         image.close()
-    return upright  # an RGB JPEG comes back as decoded: no copy (the caller's file is closed by the caller)
+    return upright  # an RGB JPEG comes back as decoded: no copy
+
+
+def jpeg_scale(width: int, height: int, draft_size: int | None, max_pixels: int) -> int:
+    """The JPEG decoding scale denominator (1, 2, 4 or 8): the largest that keeps both sides at least
+    `draft_size` (1 when None), raised until the decoded pixels fit `max_pixels` when they would not.
+    A photo whose shorter side is under 2 × draft_size is therefore always decoded at full size."""
+    scale = 1
+    if draft_size is not None:
+        while scale < 8 and min(width, height) >= 2 * scale * draft_size:
+            scale *= 2
+    while scale < 8 and -(-width // scale) * -(-height // scale) > max_pixels:
+        scale *= 2
+    return scale
+
+
+def _draft_jpeg(image: Image.Image, name: str, max_pixels: int, draft_size: int | None) -> None:
+    """Set up reduced-scale decoding for a JPEG (`Image.draft`), after the header sanity cap."""
+    width, height = image.size
+    progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+    factor = PROGRESSIVE_JPEG_HEADER_FACTOR if progressive else JPEG_HEADER_FACTOR
+    if width * height > factor * max_pixels:
+        kind = "progressive JPEG" if progressive else "JPEG"
+        raise ImageLoadError(
+            name,
+            f"too many pixels ({width}×{height} = {width * height:,} > {factor} × max_pixels={max_pixels:,} "
+            f"for a {kind}, even decoded at reduced scale); refusing a possible decompression bomb",
+        )
+    scale = jpeg_scale(width, height, draft_size, max_pixels)
+    if scale > 1:
+        # Asking for (width // scale, height // scale) makes PIL pick exactly `scale` (see jpeg_scale).
+        image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
 
 
 def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
@@ -194,23 +412,50 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def _describe_non_image(head: bytes) -> str:
-    """A few words about what a file that PIL cannot read looks like, for the error message."""
-    stripped = head.lstrip().lower()
+def _describe_unreadable(head: bytes) -> str:
+    """What a file that PIL cannot open looks like, for the error message: an image in a format we
+    cannot read, a known kind of non-image, or, when nothing fits, unrecognised data."""
+    brands = _ftyp_brands(head)
+    if brands & _HEIF_BRANDS or (brands & _GENERIC_IMAGE_BRANDS and not brands & _AVIF_BRANDS):
+        missing = "" if _register_heif() else "; install pillow-heif to read it"
+        return f"an image in a format we cannot read (HEIC/HEIF{missing})"
+    if brands & _AVIF_BRANDS:
+        return "an image in a format we cannot read (AVIF: this Pillow was built without AVIF support)"
+    if b"crx " in brands:
+        return "an image in a format we cannot read (Canon CR3 raw photo; export it as JPEG)"
+    if brands & _VIDEO_BRANDS:
+        return "not an image: looks like a video (MP4/QuickTime)"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "an image in a format we cannot read (JPEG XL)"
+    if head.startswith(b"FUJIFILMCCD-RAW"):
+        return "an image in a format we cannot read (Fujifilm RAF raw photo; export it as JPEG)"
+    if head.startswith((b"IIRO", b"IIRS", b"IIU\x00")):
+        return "an image in a format we cannot read (Olympus/Panasonic raw photo; export it as JPEG)"
     if head.startswith(b"%PDF"):
-        return "looks like a PDF document"
+        return "not an image: looks like a PDF document"
+    stripped = head.lstrip().lower()
     if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        return "looks like an HTML page (a failed download?)"
-    if stripped.startswith((b"<?xml", b"<svg")):
-        return "looks like XML/SVG, which is not supported"
+        return "not an image: looks like an HTML page (a failed download?)"
+    if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in stripped):
+        return "an image in a format we cannot read (SVG vector drawing)"
+    if stripped.startswith(b"<?xml"):
+        return "not an image: looks like XML"
     if stripped.startswith((b"{", b"[")):
-        return "looks like JSON text"
-    if head.startswith((b"PK\x03\x04", b"\x1f\x8b", b"7z\xbc\xaf")):
-        return "looks like an archive"
+        return "not an image: looks like JSON text"
+    if head.startswith(b"PK\x03\x04"):
+        return "not an image: looks like a ZIP archive (or an Office/OpenDocument file)"
+    if head.startswith((b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!\x1a\x07", b"BZh")):
+        return "not an image: looks like a compressed archive"
+    if head.startswith(b"\x7fELF") or head.startswith(b"MZ"):
+        return "not an image: looks like a program"
+    if head.startswith((b"ID3", b"OggS", b"fLaC")) or (head.startswith(b"RIFF") and head[8:12] == b"WAVE"):
+        return "not an image: looks like audio"
+    if head.startswith(b"\x1a\x45\xdf\xa3") or (head.startswith(b"RIFF") and head[8:12] == b"AVI "):
+        return "not an image: looks like a video (WebM/Matroska/AVI)"
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        return "unrecognised binary data"
-    if text.isprintable() or all(ch.isprintable() or ch in "\r\n\t" for ch in text):
-        return "looks like a text file"
-    return "unrecognised data"
+        return "not an image: unrecognised binary data"
+    if all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return "not an image: looks like a text file"
+    return "not an image: unrecognised data"

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from captioner import images
 from captioner.images import ImageLoadError, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -180,10 +179,14 @@ def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     path.chmod(0)
     try:
         if os.access(path, os.R_OK):  # running as root: simulate the refusal instead
-            def refuse(*args, **kwargs):
-                raise PermissionError(13, "Permission denied", str(path))
+            real_open = os.open
 
-            monkeypatch.setattr(images, "open", refuse, raising=False)
+            def refuse(file, *args, **kwargs):
+                if os.fspath(file) == str(path):
+                    raise PermissionError(13, "Permission denied", str(path))
+                return real_open(file, *args, **kwargs)
+
+            monkeypatch.setattr(os, "open", refuse)
         expect_error(path, "permission denied")
     finally:
         path.chmod(0o644)
@@ -240,3 +243,113 @@ def test_bytes_errors_are_named() -> None:
     good = io.BytesIO()
     Image.new("RGB", (5, 5), BLUE).save(good, format="PNG")
     assert pixel(load_image(good.getvalue()), (2, 2)) == BLUE
+
+
+# ------------------------------------------------------------------------------------------ HEIC/HEIF
+def save_heif(image: Image.Image, path: Path, **options) -> Path:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    heif = pillow_heif.from_pillow(image)
+    heif.save(path, quality=90, **options)
+    return path
+
+
+def left_red_right_blue(size: tuple[int, int] = (64, 32)) -> Image.Image:
+    image = Image.new("RGB", size, BLUE)
+    image.paste(RED, (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+def test_heic_photo_loads(tmp_path: Path) -> None:
+    path = save_heif(left_red_right_blue(), tmp_path / "IMG_0001.HEIC")
+    assert path.read_bytes()[4:12] == b"ftypheic"
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (64, 32)
+    assert close_to(pixel(image, (4, 16)), RED, 40) and close_to(pixel(image, (60, 16)), BLUE, 40)
+    assert load_image(path.read_bytes()).size == (64, 32)  # as bytes too (the demo's and the API's way)
+
+
+def test_heic_orientation_is_applied_like_jpeg(tmp_path: Path) -> None:
+    """An iPhone held upright stores the sensor's landscape pixels and a rotation; both formats come out
+    upright, the same way round."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    source = left_red_right_blue()
+    heic = tmp_path / "turned.heic"
+    _heif_writer()
+    source.save(heic, format="HEIF", exif=exif.tobytes())
+    source.save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    from_heic, from_jpeg = load_image(heic), load_image(tmp_path / "turned.jpg")
+    assert from_heic.size == from_jpeg.size == (32, 64)
+    for xy in [(16, 4), (16, 60)]:  # red on top, blue below
+        assert close_to(pixel(from_heic, xy), pixel(from_jpeg, xy), 40)
+    assert close_to(pixel(from_heic, (16, 4)), RED, 40) and close_to(pixel(from_heic, (16, 60)), BLUE, 40)
+
+
+def _heif_writer() -> bool:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()  # for Image.save(format="HEIF") in this test only
+    return True
+
+
+def test_heif_support_is_registered_lazily(tmp_path: Path) -> None:
+    """`import captioner` and JPEG loading leave pillow-heif unimported; the first HEIC file imports it."""
+    import subprocess
+    import sys
+
+    heic = save_heif(left_red_right_blue(), tmp_path / "a.heic")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
+    script = (
+        "import sys, captioner\n"
+        "from captioner.images import load_image\n"
+        f"load_image({str(tmp_path / 'b.jpg')!r})\n"
+        "assert 'pillow_heif' not in sys.modules\n"
+        f"print(load_image({str(heic)!r}).size)\n"
+        "assert 'pillow_heif' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(64, 32)"
+    # without pillow-heif, a HEIC file is named as an image we cannot read, with the fix
+    script = ("import sys\nsys.modules['pillow_heif'] = None\n"
+              "from captioner.images import ImageLoadError, load_image\n"
+              f"try:\n    load_image({str(heic)!r})\nexcept ImageLoadError as error:\n    print(error.reason)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "an image in a format we cannot read (HEIC/HEIF; install pillow-heif to read it)"
+
+
+def test_heic_files_are_found_in_folders(tmp_path: Path) -> None:
+    from captioner.apps.batch import expand_inputs
+
+    for name in ("a.heic", "b.HEIF", "c.avif", "d.jpg", "e.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    paths, _ = expand_inputs([str(tmp_path)])
+    assert [Path(p).name for p in paths] == ["a.heic", "b.HEIF", "c.avif", "d.jpg"]
+
+
+def test_avif_still_loads_after_heif_registration(tmp_path: Path) -> None:
+    save_heif(left_red_right_blue(), tmp_path / "a.heic")
+    load_image(tmp_path / "a.heic")
+    avif = tmp_path / "b.avif"
+    try:
+        left_red_right_blue().save(avif)
+    except (KeyError, OSError):
+        pytest.skip("this Pillow cannot write AVIF")
+    assert close_to(pixel(load_image(avif), (4, 16)), RED, 40)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\xff\x0a\xfa\x7f\x01\x90\x08" + bytes(64), "an image in a format we cannot read (JPEG XL)"),
+        (b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(64), "an image in a format we cannot read (JPEG XL)"),
+        (b"\x00\x00\x00\x18ftypcrx \x00\x00\x00\x01crx isom" + bytes(64), "Canon CR3 raw photo"),
+        (b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64), "not an image: looks like a video"),
+        (b"PK\x03\x04\x14\x00\x00\x00" + bytes(64), "not an image: looks like a ZIP archive"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg" width="10"/>', "format we cannot read (SVG vector drawing)"),
+        (b"%PDF-1.7\n" + bytes(64), "not an image: looks like a PDF document"),
+    ],
+)
+def test_unreadable_files_are_named(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(content)
+    assert reason in expect_error(path, "").reason

@@ -31,9 +31,11 @@ from captioner import distributed
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, RerankConfig
 from captioner.features.encode import encoded_batches
+from captioner.images import not_a_regular_file
 from captioner.utils import progress_bar, write_text_atomic
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".heic",
+                    ".heif", ".avif"}
 CSV_FIELDS = ["image", "rank", "caption", "log_prob", "score", "error"]
 
 
@@ -43,7 +45,8 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False) -> tuple[list[
 
     Folders contribute files with an image extension (sorted; sub-folders only with `recursive`,
     never following symlinked folders, so a symlink loop cannot trap the walk). A named file is
-    always tried, whatever its extension.
+    always tried, whatever its extension. A path that is not a regular file (a named pipe, socket or
+    device, which could block the reader forever) becomes a problem and is never opened.
     """
     paths: list[str] = []
     problems: list[tuple[str, str]] = []
@@ -62,7 +65,9 @@ def expand_inputs(inputs: Iterable[str], recursive: bool = False) -> tuple[list[
             problems.append((item, "no such file or folder"))
     seen: set[str] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
-    return unique, problems
+    special = {path: reason for path in unique if (reason := not_a_regular_file(path)) is not None}
+    problems.extend((path, special[path]) for path in unique if path in special)
+    return [path for path in unique if path not in special], problems
 
 
 def _scan_folder(folder: str, recursive: bool) -> list[str]:
@@ -171,14 +176,16 @@ def result_row(image: str, captions: list | None = None, error: str | None = Non
 def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner | None, config: DecodeConfig, output: str | None = None,
                   recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
                   device: str = "auto", progress: bool = True, decode_batch_size: int = 128,
-                  memory: str | Path | None = None, rerank: RerankConfig | None = None) -> int:
+                  memory: str | Path | None = None, rerank: RerankConfig | None = None,
+                  max_pixels: int | None = None) -> int:
     """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
 
     `checkpoint`: a checkpoint path (None: the shipped one), or a `Captioner` already loaded (then `device`
     is ignored).
     `batch_size` images go through the CNN at a time; their features are decoded `decode_batch_size` (or
     more) at a time, and the results of each decoded group are written before the next is loaded.
-    `memory`, `rerank`: consensus re-ranking of beam candidates (`Captioner.from_pretrained`)."""
+    `memory`, `rerank`: consensus re-ranking of beam candidates (`Captioner.from_pretrained`).
+    `max_pixels`: the most pixels decoded per image (default: the Captioner's, see `load_image`)."""
     paths, problems = expand_inputs(inputs, recursive)
     writer = ResultWriter(output, resume) if output else None
     captioner = (checkpoint if isinstance(checkpoint, Captioner)
@@ -204,7 +211,8 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner | None, 
             writer.write(rows)
 
     emit([result_row(item, error=problem) for item, problem in problems])
-    batches = encoded_batches(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers)
+    batches = encoded_batches(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers,
+                              max_pixels=captioner.max_pixels if max_pixels is None else max_pixels)
     bar = progress_bar(batches, desc="captioning", enabled=progress, total=math.ceil(len(paths) / batch_size),
                        unit="batch")
     # The CNN runs per loader batch; the decoder waits for `decode_batch_size` features (several loader
@@ -254,7 +262,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def caption_paths_sharded(inputs: list[str], checkpoint: str | Path | None, config: Any, output: str | Path | None,
                           recursive: bool = False, resume: bool = False, batch_size: int = 32,
                           num_workers: int | None = None, device: str = "auto", progress: bool = True,
-                          decode_batch_size: int = 128, memory: str | Path | None = None) -> int:
+                          decode_batch_size: int = 128, memory: str | Path | None = None,
+                          max_pixels: int | None = None) -> int:
     """`captioner caption` under torchrun: rank k captions its share of the images into
     `<output>.rank<k>.jsonl`, then rank 0 merges the shares into `output` in input order and deletes them.
 
@@ -286,7 +295,8 @@ def caption_paths_sharded(inputs: list[str], checkpoint: str | Path | None, conf
     mine = [todo[position] for position in distributed.shard_batches(len(todo), batch_size)]
     status = caption_paths(mine, checkpoint=checkpoint, config=config, output=str(rank_file(output, distributed.rank())),
                            resume=True, batch_size=batch_size, num_workers=num_workers, device=device,
-                           progress=progress and distributed.is_main(), decode_batch_size=decode_batch_size)
+                           progress=progress and distributed.is_main(), decode_batch_size=decode_batch_size,
+                           max_pixels=max_pixels)
     statuses = distributed.all_gather_object(status)
     if distributed.is_main():
         writer = ResultWriter(output, resume=True)

@@ -50,6 +50,18 @@ def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> N
 
 
 
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    from captioner.images import DEFAULT_MAX_PIXELS, JPEG_HEADER_FACTOR, PROGRESSIVE_JPEG_HEADER_FACTOR
+
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"the most pixels decoded per image (default {DEFAULT_MAX_PIXELS:,}: about "
+             f"{3 * DEFAULT_MAX_PIXELS / 1e6:,.0f} MB as RGB, a few times that while converting). Larger JPEGs "
+             f"are decoded at 1/2, 1/4 or 1/8 scale to fit (up to {JPEG_HEADER_FACTOR}× N pixels in the header, "
+             f"{PROGRESSIVE_JPEG_HEADER_FACTOR}× N for progressive JPEGs, whose decoder holds 3-6 bytes per "
+             "header pixel); other formats larger than N are refused as possible decompression bombs")
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--data", required=required,
                         help="dataset folder or annotation file (Karpathy json, COCO captions json, or "
@@ -83,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_image_arguments(p)
     add_decode_arguments(p)
     add_rerank_arguments(p, "a caption memory (`captioner memory`): re-rank beam candidates by consensus")
     p.set_defaults(func=commands.cmd_caption)
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--coco-eval", action="store_true", help="also run pycocoevalcap's COCOEvalCap (needs Java)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    add_image_arguments(p)
     add_decode_arguments(p)
     add_rerank_arguments(p, "re-rank beam candidates by consensus with a caption memory: a file made by "
                             "`captioner memory`, or 'train' to build one from --data's train split")
@@ -130,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image loading processes (default: chosen for the device)")
     p.add_argument("--device", default="auto")
+    add_image_arguments(p)
     p.set_defaults(func=commands.cmd_features)
 
     p = subcommands.add_parser("train", help="train a decoder on cached features")
@@ -207,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind; 0.0.0.0 makes the demo reachable from other machines")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    add_image_arguments(p)
     add_rerank_arguments(p, "a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
     p.set_defaults(func=commands.cmd_demo)
 

@@ -46,7 +46,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         encoder = feature_run_encoder(args.encoder, args.encoder_weights, args.allow_random_weights,
                                       args.from_checkpoint)
         cache = extract_features(records, encoder, args.out, batch_size=args.batch_size,
-                                 num_workers=args.workers, device=device)
+                                 num_workers=args.workers, device=device, max_pixels=args.max_pixels)
         distributed.print0(f"{len(cache)} image features in {args.out}")
     return 1 if cache.meta.get("failed") else 0
 
@@ -117,7 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), out_dir=args.out,
                                  features_dir=args.features, batch_size=args.batch_size, device=args.device,
                                  coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
-                                 rerank=rerank)
+                                 rerank=rerank, max_pixels=args.max_pixels)
     return 1 if report["skipped_images"] else 0
 
 
@@ -128,7 +128,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     options = dict(checkpoint=args.checkpoint, config=decode_config(args), output=args.output,
                    recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
-                   num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size)
+                   num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size,
+                   max_pixels=args.max_pixels)
     rerank = rerank_config(args)
     with distributed.session(resolve_device(args.device), backend="gloo"):
         if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
@@ -140,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.apps.demo import launch
 
     launch(args.checkpoint, host=args.host, port=args.port, share=args.share,
-           memory=args.memory, rerank=rerank_config(args))
+           memory=args.memory, rerank=rerank_config(args), max_pixels=args.max_pixels)
     return 0
 
 

@@ -84,11 +84,11 @@ def _check_upload(image_path: str | os.PathLike | None) -> tuple[str | None, str
     return None, name
 
 
-def _load(image_path: str | os.PathLike, name: str,
-          draft_size: int | None = None) -> tuple[Image.Image | None, str | None]:
+def _load(image_path: str | os.PathLike, name: str, draft_size: int | None = None,
+          max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
     """(PIL image, None) or (None, friendly message), decoding with the library's checks."""
     try:
-        return load_image(image_path, max_pixels=MAX_PIXELS, draft_size=draft_size), None
+        return load_image(image_path, max_pixels=max_pixels, draft_size=draft_size), None
     except ImageLoadError as error:
         return None, _message("That file could not be used as a photo",
                               f"**{_escape_markdown(name)}**: {_escape_markdown(error.reason)}.\n\n{LIMITS}")
@@ -160,14 +160,16 @@ def predict_batch(captioner: Captioner, requests: list[CaptionRequest]) -> list[
         except ValueError as error:
             answers[index] = _message("Those settings do not work together", _escape_markdown(str(error))), []
             continue
-        image, message = _load(request.image_path, name)
+        image, message = _load(request.image_path, name, draft_size=captioner.draft_size,
+                               max_pixels=captioner.max_pixels)
         if image is None:
             answers[index] = message, []
             continue
         usable.append((index, image, config, note, name))
     if usable:
         try:
-            encoded = encode_images([image for _, image, _, _, _ in usable], captioner.encoder)
+            encoded = encode_images([image for _, image, _, _, _ in usable], captioner.encoder,
+                                    max_pixels=captioner.max_pixels)
             if encoded.failures:  # the photos loaded once already, so this is a bug too
                 raise RuntimeError(f"photos that loaded failed to load again: {encoded.failures}")
             features = encoded.features  # (N, D)
@@ -239,12 +241,13 @@ class BatchedPredictor:
             return _went_wrong(), []
 
 
-def preview(image_path: str | os.PathLike | None) -> tuple[Image.Image | None, str]:
+def preview(image_path: str | os.PathLike | None,
+            max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str]:
     """(the photo as the model will see it, upright, at most PREVIEW_SIZE px; message for the caption area)."""
     message, name = _check_upload(image_path)
     if message is not None:
         return None, message
-    image, message = _load(image_path, name, draft_size=PREVIEW_SIZE)
+    image, message = _load(image_path, name, draft_size=PREVIEW_SIZE, max_pixels=max_pixels)
     if image is None:
         return None, message
     image.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
@@ -264,6 +267,9 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
     import gradio as gr
 
     caption_upload = predictor or BatchedPredictor(captioner)
+
+    def show_preview(image_path):
+        return preview(image_path, max_pixels=captioner.max_pixels)
 
     def show_controls(strategy):
         return (gr.update(visible=strategy == "beam"), gr.update(visible=strategy == "sample"),
@@ -300,7 +306,7 @@ def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_D
 
         strategy.change(show_controls, strategy, [beam_size, temperature, seed], queue=False,
                         api_visibility="private")
-        photo.change(preview, photo, [shown, best], api_visibility="private")
+        photo.change(show_preview, photo, [shown, best], api_visibility="private")
         button.click(caption_upload, [photo, strategy, beam_size, temperature, seed, n_best], [best, table],
                      api_name="caption", concurrency_limit=CAPTION_THREADS)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE, api_open=False)
@@ -325,12 +331,14 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool
 
 
 def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None) -> None:
+           share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None,
+           max_pixels: int = MAX_PIXELS) -> None:
     """Load the checkpoint once (with a caption memory for consensus re-ranking, when given), then serve
     the demo until interrupted."""
     import torch
 
     # One batcher thread runs the CNN and the decoder for everybody: it may use every core.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank)
+    captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank,
+                                          max_pixels=max_pixels)
     serve(build_app(captioner), host=host, port=port, share=share)

@@ -18,11 +18,11 @@ from captioner.features.encode import (
     feature_run_encoder,
 )
 from captioner.features.extract import extract_features
-from captioner.features.loader import ImageBatch, ImageLoader, image_loader
+from captioner.features.loader import ImageBatch, ImageLoader, image_loader, jpeg_draft_size
 from captioner.features.records import cached_record_features, record_features
 
 __all__ = [
     "EncodedBatch", "EncodedImages", "FeatureCache", "FeatureCacheError", "ImageBatch", "ImageLoader",
     "cache_fingerprint", "cached_record_features", "encode_batch", "encode_images", "encoded_batches",
-    "extract_features", "feature_run_encoder", "image_loader", "record_features",
+    "extract_features", "feature_run_encoder", "image_loader", "jpeg_draft_size", "record_features",
 ]

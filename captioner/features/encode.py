@@ -52,9 +52,10 @@ class EncodedImages:
 
 def encoded_batches(inputs: Sequence[ImageSource], encoder: Encoder, batch_size: int = 64,
                     device: str | torch.device | None = None, num_workers: int | None = None,
-                    load_threads: int | None = None, channels_last: bool | None = None, draft: bool = False,
+                    load_threads: int | None = None, channels_last: bool | None = None, draft: bool = True,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[EncodedBatch]:
-    """`inputs` through the CNN, one loader batch at a time, in order (see `image_loader` for the options).
+    """`inputs` through the CNN, one loader batch at a time, in order (see `image_loader` for the options:
+    large JPEGs are decoded at reduced scale, images over `max_pixels` refused).
     Images already in memory are loaded in this process (they are not shipped to worker processes)."""
     if num_workers is None and not all(isinstance(item, (str, os.PathLike)) for item in inputs):
         num_workers = 0
@@ -71,7 +72,7 @@ def encoded_batches(inputs: Sequence[ImageSource], encoder: Encoder, batch_size:
 
 def encode_images(inputs: Sequence[ImageSource], encoder: Encoder, batch_size: int = 64,
                   device: str | torch.device | None = None, num_workers: int | None = None,
-                  progress: bool = False, draft: bool = False,
+                  progress: bool = False, draft: bool = True,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> EncodedImages:
     """Features of image files, encoded bytes or PIL images: float32 (number loaded, feature_dim) in input
     order, with the positions that loaded and [(position, reason)] for those that did not.

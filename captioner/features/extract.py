@@ -28,6 +28,7 @@ from captioner.features.cache import (
     to_float16,
 )
 from captioner.features.encode import encoded_batches
+from captioner.features.loader import jpeg_draft_size
 from captioner.features.sharded import merge_partials, rank_number, rank_partial_dirs
 from captioner.images import DEFAULT_MAX_PIXELS
 
@@ -42,7 +43,7 @@ def extract_features(
     progress: bool = True,
     load_threads: int | None = None,
     channels_last: bool | None = None,
-    draft: bool = False,
+    draft: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FeatureCache:
     """Compute `encoder` features once per unique `image_id` of `records` into the cache at `out_dir`.
@@ -54,15 +55,16 @@ def extract_features(
     not retried on later runs (delete the cache to retry them). The encoder moves to `device`.
     num_workers, load_threads, channels_last, draft, max_pixels: see `image_loader`. num_workers=None
     (the default) picks by device: in-process threaded loading on CPU, worker processes on GPU.
-    draft changes pixels slightly, so it is recorded in the preprocessing and off by default.
+    draft changes the pixels of photos whose shorter side is at least twice `jpeg_draft_size` (never those
+    of Flickr8k or COCO, which are smaller), so it is recorded in meta.json ("jpeg_draft_size") but not
+    compared when a cache is resumed: caches made before it existed stay usable.
     Under torchrun every rank calls this with the same records: each extracts its batches, rank 0 merges,
     and every rank returns the finished cache (see the module notes).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = cache_fingerprint(encoder)
-    if draft:
-        fingerprint["preprocessing"] = {**fingerprint["preprocessing"], "jpeg_draft": True}
+    fingerprint["jpeg_draft_size"] = jpeg_draft_size(encoder.preprocessor) if draft else None
 
     wanted: dict[str, Path] = {}
     for record in records:

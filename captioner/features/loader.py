@@ -21,6 +21,13 @@ from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 ImageSource = str | Path | bytes | Image.Image  # anything `captioner.images.load_image` opens
 
 
+def jpeg_draft_size(preprocessor: Preprocessor) -> int:
+    """The side JPEGs are decoded to at least (reduced-scale decoding, `load_image(draft_size=...)`): twice
+    the size the preprocessing resizes to, so the antialiased resize that follows still averages at least
+    2×2 decoded pixels into each CNN pixel. Photos with a shorter side under twice this are decoded in full."""
+    return 2 * max(preprocessor.input_size, preprocessor.resize_size)
+
+
 class ImageFiles(Dataset):
     """Position -> (position, uint8 pixels (3, H, W) or None, reason or None) for a list of image files.
 
@@ -35,7 +42,7 @@ class ImageFiles(Dataset):
         self.paths = list(paths)
         self.preprocessor = preprocessor
         self.max_pixels = max_pixels
-        self.draft_size = preprocessor.input_size if draft else None
+        self.draft_size = jpeg_draft_size(preprocessor) if draft else None
         self.load_threads = load_threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
@@ -119,7 +126,7 @@ def image_loader(
     load_threads: int | None = None,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
-    draft: bool = False,
+    draft: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ImageLoader:
     """Load and preprocess image files in batches, in order, for `encoder`; bad files become failures.
@@ -132,7 +139,10 @@ def image_loader(
     device: where the normalised batches go (default: the encoder's device).
     channels_last: give the CNN channels-last batches; None chooses it on CPU, where it is faster for
         EfficientNet-Lite0 (`scripts/bench/features.py --no-channels-last` measures the difference).
-    draft: let the JPEG decoder downscale large photos while decoding (`load_image(draft_size=...)`).
+    draft: let the JPEG decoder downscale large photos while decoding, to no less than
+        `jpeg_draft_size(encoder.preprocessor)`; False decodes every photo in full (slower, same pixels for
+        photos under twice that size).
+    max_pixels: the most pixels decoded per image (see `load_image`).
     """
     device = torch.device(device) if device is not None else encoder.device
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -13,6 +13,7 @@ from captioner.data.records import CaptionRecord
 from captioner.encoders.registry import DEFAULT_ENCODER, checkpoint_encoder
 from captioner.features.cache import FeatureCache
 from captioner.features.encode import encode_images
+from captioner.images import DEFAULT_MAX_PIXELS
 
 RecordFeatures = tuple[list[CaptionRecord], torch.Tensor, list[str]]  # records kept, their features, problems
 
@@ -37,10 +38,12 @@ def cached_record_features(records: list[CaptionRecord], cache: FeatureCache, en
 
 def record_features(records: list[CaptionRecord], encoder: Mapping[str, Any], features_dirs: Sequence[str | Path],
                     batch_size: int, device: torch.device,
-                    encoder_state: Mapping[str, torch.Tensor] | None = None) -> RecordFeatures:
+                    encoder_state: Mapping[str, torch.Tensor] | None = None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> RecordFeatures:
     """Features for a checkpoint's records, from the first of `features_dirs` made by its CNN (its
     `encoder` entry: name and weights hash; a cache of these very weights is preferred), else by running
-    that CNN (`encoder_state`: the checkpoint's own CNN weights, when it carries them). Returns the records
+    that CNN (`encoder_state`: the checkpoint's own CNN weights, when it carries them; `max_pixels`: the
+    most pixels decoded per image). Returns the records
     that have features, the features, and a problem line for each record left out."""
     name = encoder.get("encoder", DEFAULT_ENCODER)
     weights_hash = encoder.get("weights_hash")
@@ -56,6 +59,7 @@ def record_features(records: list[CaptionRecord], encoder: Mapping[str, Any], fe
     if features_dirs:
         return cached_record_features(records, FeatureCache.open(features_dirs[0]), name, weights_hash)
     cnn = checkpoint_encoder({"encoder": name, "weights_hash": weights_hash}, "the checkpoint", encoder_state)
-    encoded = encode_images([r.image_path for r in records], cnn, batch_size=batch_size, device=device)
+    encoded = encode_images([r.image_path for r in records], cnn, batch_size=batch_size, device=device,
+                            max_pixels=max_pixels)
     problems = [f"{records[i].image_path}: {reason}" for i, reason in encoded.failures]
     return [records[i] for i in encoded.indices], encoded.features, problems
