@@ -15,7 +15,8 @@ from PIL import Image
 from captioner import images
 from captioner.apps.batch import expand_inputs
 from captioner.apps.cli import main
-from captioner.images import ImageLoadError, load_image, read_descriptor
+from captioner.image_files import read_descriptor
+from captioner.images import ImageLoadError, load_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "demo" / "examples"
 # Short enough that a regression (opening the pipe) fails these tests quickly instead of hanging them.
