@@ -338,12 +338,14 @@ def blocked(log_probs: Tensor, history: Tensor, suppress: Tensor, no_repeat_ngra
 
 
 def length_normalise(log_probs: Tensor, lengths: Tensor, length_penalty: float) -> Tensor:
+    """The ranking score: log_probs / lengths ** length_penalty (elementwise)."""
     if length_penalty == 0:
         return log_probs
     return log_probs / lengths.to(log_probs.dtype) ** length_penalty
 
 
 def suppress_tensor(suppress_ids: Sequence[int], end_id: int, device: torch.device) -> Tensor:
+    """The ids never to emit, sorted, as a tensor for `blocked`; refuses <end> among them."""
     ids = sorted({int(i) for i in suppress_ids})
     if end_id in ids:
         raise ValueError(f"suppress_ids contains the <end> id {end_id}; captions could never finish")
@@ -351,6 +353,7 @@ def suppress_tensor(suppress_ids: Sequence[int], end_id: int, device: torch.devi
 
 
 def checked_init_state(model: StepModel, image_features: Tensor) -> State:
+    """`model.init_state`, as a tuple, checked to have the batch in dim 0 of every tensor."""
     state = model.init_state(image_features)
     if isinstance(state, Tensor):
         state = (state,)
