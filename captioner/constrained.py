@@ -10,9 +10,9 @@ with one that has not. Only captions that end in the state where every constrain
 
 The search is `decoding.beam_search` run per state: the same candidates (top 2*beam_size per state), the
 same <end> handling, the same early stop, length penalty, n-gram blocking and suppression, one batched
-`step` of shape (batch * states * beam_size, ...) per token. Images with fewer constraints than the
-batch's most start with the missing constraints counted as met, so they share the tensors; an image
-with none is searched exactly as `beam_search` searches it.
+`step` of shape (batch * states * beam_size, ...) per token. Images are searched in groups with the same
+number of constraints, so an image without constraints costs what `beam_search` costs, and is searched
+exactly as it searches it.
 
 When no caption meeting an image's constraints finishes within max_length, or no caption with a finite
 score meets them (blocked or suppressed forms), the image gets `beam_search`'s plain captions instead,
@@ -73,12 +73,22 @@ def constrained_beam_search(
     batch = state[0].size(0)
     if len(constraints) != batch:
         raise ValueError(f"constraints: got {len(constraints)} lists for {batch} images")
+    counts = [len(c) for c in constraints]
+    if len(set(counts)) > 1:
+        # Each image costs rows for 2**(the batch's most constraints) states, so images are searched in
+        # groups of equal constraint count (a search's results do not depend on the other images).
+        results: list[list[ConstrainedHypothesis]] = [[] for _ in constraints]
+        for count in sorted(set(counts)):
+            group = [i for i, n in enumerate(counts) if n == count]
+            found = constrained_beam_search(model, image_features[group], config, start_id, end_id,
+                                            [constraints[i] for i in group], suppress_ids)
+            for i, hypotheses in zip(group, found, strict=True):
+                results[i] = hypotheses
+        return results
     suppress = suppress_tensor(suppress_ids, end_id, device)
-    n_constraints = max((len(c) for c in constraints), default=0)
+    n_constraints = max(counts, default=0)
     if n_constraints > MAX_CONSTRAINTS:
         raise ValueError(f"constraints: at most {MAX_CONSTRAINTS} per image, got {n_constraints}")
-    start_states = torch.tensor([sum(1 << j for j in range(len(c), n_constraints)) for c in constraints],
-                                dtype=torch.long, device=device)  # missing constraints count as met
     token_bits = None  # (batch, vocab), made once the first step shows the vocabulary size
     n_states = 1 << n_constraints
     accepting = n_states - 1
@@ -86,9 +96,9 @@ def constrained_beam_search(
     state = tuple(s.repeat_interleave(slots, dim=0) for s in state)  # each (batch*states*beam, ...)
 
     # Cumulative log-prob of each live beam (active, state, beam): one caption alive per image at first,
-    # in the state where its missing constraints count as met.
+    # in state 0 (nothing met yet).
     live_scores = torch.full((batch, n_states, beam_size), _NEG_INF, device=device)
-    live_scores[torch.arange(batch, device=device), start_states, 0] = 0.0
+    live_scores[:, 0, 0] = 0.0
     tokens = torch.full((batch * slots,), start_id, dtype=torch.long, device=device)
     history = torch.empty((batch * slots, 0), dtype=torch.long, device=device)  # (active*slots, t)
     pool = HypothesisPool(batch, n_best, max_length, end_id, device)  # captions meeting every constraint
@@ -163,7 +173,7 @@ def constrained_beam_search(
         pool.add(length_normalise(cut_scores, cut_lengths, length_penalty), cut_scores, cut_tokens,
                  finished=False, images=active)
 
-    results: list[list[ConstrainedHypothesis]] = [
+    results = [
         [ConstrainedHypothesis(h.tokens, h.log_prob, h.score, h.finished) for h in hypotheses]
         for hypotheses in pool.hypotheses()]
     unmet = [i for i, hypotheses in enumerate(results) if not hypotheses]
