@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", default="checkpoints/flickr8k-lite0")
     parser.add_argument("--coco-dev", type=Path, default=SHARED / "coco-dev")
     parser.add_argument("--flickr8k", type=Path, default=SHARED / "flickr8k")
-    parser.add_argument("--flickr-val", type=int, default=100, help="how many Flickr8k val photos (first N)")
+    parser.add_argument("--flickr-val", type=int, default=100, help="how many Flickr8k val photos (first N; 0: none)")
     parser.add_argument("--decode", action="store_true", help="also score plain vs constrained beam search")
     parser.add_argument("--guide-weight", type=float, default=8.0,
                         help="with --decode, also score soft guidance with this weight (0: skip)")
@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     packaged = get_encoder(checkpoint.encoder.get("encoder", "efficientnet_lite0"))
     print(f"checkpoint {args.checkpoint}: CNN {fine.name} {'fine-tuned' if checkpoint.encoder_state else 'packaged'}"
           f" (weights {fine.weights_hash}); packaged {packaged.weights_hash}; torch threads {torch.get_num_threads()}")
-    sets = {"coco-dev": coco_dev_photos(args.coco_dev),
-            f"Flickr8k val (first {args.flickr_val})": flickr8k_val_photos(args.flickr8k, args.flickr_val)}
+    sets = {"coco-dev": coco_dev_photos(args.coco_dev)}
+    if args.flickr_val:
+        sets[f"Flickr8k val (first {args.flickr_val})"] = flickr8k_val_photos(args.flickr8k, args.flickr_val)
     for name, photos in sets.items():
         paths, references = [p for p, _ in photos], [r for _, r in photos]
         start = time.perf_counter()
