@@ -13,7 +13,8 @@
    beam search vs constrained beam search forced to mention up to 2 concepts (`constraint_concepts`,
    vocabulary words only) at each threshold; CIDEr-D and BLEU-4 from captioner.metrics, and how often
    the constraints were met; and soft guidance (`captioner.guidance`, --guide-weight w: w*p on every
-   sayable concept above the threshold until it is said). Decoding settings are DecodeConfig's defaults.
+   sayable concept above the threshold until it is said; --guide-weights). Decoding settings are DecodeConfig's defaults.
+   docs/concepts.md has the tables this printed.
 
 Nothing is trained; coco-dev is only scored. The photos go through each CNN once.
 """
@@ -21,11 +22,13 @@ Nothing is trained; coco-dev is only scored. The photos go through each CNN once
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from captioner.checkpoint import load_checkpoint
 from captioner.concepts import (
@@ -77,6 +80,22 @@ def run_cnn(encoder: Encoder, paths: list[Path], batch: int = 25) -> tuple[torch
         return features, head(features)
 
 
+def cached_cnn(encoder: Encoder, paths: list[Path], cache: Path | None, name: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """run_cnn, through a safetensors file named by the set, its size and the CNN's weights hash."""
+    if cache is None:
+        return run_cnn(encoder, paths)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+    path = cache / f"{slug}-{len(paths)}-{encoder.weights_hash}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        return tensors["features"], tensors["logits"]
+    features, logits = run_cnn(encoder, paths)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({"features": features.contiguous(), "logits": logits.contiguous()}, str(path))
+    return features, logits
+
+
 def precision_table(name: str, concepts_at: dict[float, list[list[Concept]]], references: list[list[str]],
                     vocab_index: dict[str, int]) -> None:
     concept_map = load_concept_map()
@@ -124,7 +143,8 @@ def agreement(name: str, fine_logits: torch.Tensor, packaged_logits: torch.Tenso
 
 
 def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Tensor,
-                 references: list[list[str]], guide_weight: float, show: int, show_threshold: float) -> None:
+                 references: list[list[str]], thresholds: list[float], guide_weights: list[float], show: int,
+                 show_threshold: float) -> None:
     config = DecodeConfig()
     vocab = checkpoint.vocab
     suppress = (vocab.pad_id, vocab.start_id, vocab.unk_id)
@@ -140,7 +160,7 @@ def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Te
         plain = beam_search(checkpoint.model, features, config, vocab.start_id, vocab.end_id, suppress)
     print(f"\n{name}, beam {config.beam_size}, length penalty {config.length_penalty}")
     print(f"  plain beam search:               {scores(plain)}  ({time.perf_counter() - start:.1f} s)")
-    for threshold in THRESHOLDS:
+    for threshold in thresholds:
         detected = ConceptDetector(threshold=threshold, top_k=0)(logits)
         chosen = [constraint_concepts(cs, 2, vocab.index) for cs in detected]
         constraints = [[[vocab.index[f] for f in load_concept_map().forms[c.word] if f in vocab.index]
@@ -160,9 +180,7 @@ def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Te
                 print(f"    photo {i} [{words}]\n      plain:       {' '.join(vocab.decode(plain[i][0].tokens))}"
                       f"\n      constrained: {' '.join(vocab.decode(results[i][0].tokens))}"
                       f"\n      reference:   {references[i][0].strip()}")
-    if not guide_weight:
-        return
-    for threshold in THRESHOLDS:
+    for guide_weight, threshold in itertools.product(guide_weights, thresholds):
         # guide words: every sayable concept above the threshold, bonus weight * p
         detected = ConceptDetector(threshold=threshold, top_k=0)(logits)
         guides = [[(ids, guide_weight * c.p) for c in cs
@@ -176,6 +194,10 @@ def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Te
         said = sum(any(set(h[0].tokens) & set(ids) for ids, _ in g) for g, h in zip(guides, results, strict=True))
         print(f"  guided {guide_weight:g}*p, p >= {threshold:.1f}: {scores(results)}  ({sum(bool(g) for g in guides)} "
               f"photos guided, {said} say a guide word; {seconds:.1f} s)")
+        if show and abs(threshold - show_threshold) < 1e-9:
+            for i in [i for i, g in enumerate(guides) if g][:show]:
+                print(f"    photo {i}: plain: {' '.join(vocab.decode(plain[i][0].tokens))}\n"
+                      f"             guided: {' '.join(vocab.decode(results[i][0].tokens))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flickr8k", type=Path, default=SHARED / "flickr8k")
     parser.add_argument("--flickr-val", type=int, default=100, help="how many Flickr8k val photos (first N; 0: none)")
     parser.add_argument("--decode", action="store_true", help="also score plain vs constrained beam search")
-    parser.add_argument("--guide-weight", type=float, default=8.0,
-                        help="with --decode, also score soft guidance with this weight (0: skip)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
+                        help="concept probability thresholds to tabulate and decode with")
+    parser.add_argument("--guide-weights", type=float, nargs="*", default=[8.0],
+                        help="with --decode, also score soft guidance with these weights (none: skip)")
+    parser.add_argument("--cache", type=Path, help="keep each photo set's features and logits here "
+                        "(safetensors), and reuse them when the checkpoint's CNN is the same")
     parser.add_argument("--show", type=int, default=0, help="with --decode, print this many example captions")
     parser.add_argument("--show-threshold", type=float, default=0.3, help="the threshold of the examples shown")
     parser.add_argument("--no-compare", action="store_true",
@@ -204,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, photos in sets.items():
         paths, references = [p for p, _ in photos], [r for _, r in photos]
         start = time.perf_counter()
-        fine_features, fine_logits = run_cnn(fine, paths)
+        fine_features, fine_logits = cached_cnn(fine, paths, args.cache, name)
         tables = [("fine-tuned trunk + original head", fine_logits)]
         if not args.no_compare:
             _, packaged_logits = run_cnn(packaged, paths)
@@ -213,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_compare:
             agreement(name, fine_logits, packaged_logits)
         for label, logits in tables:
-            concepts_at = {t: ConceptDetector(threshold=t, top_k=0)(logits) for t in THRESHOLDS}
+            concepts_at = {t: ConceptDetector(threshold=t, top_k=0)(logits) for t in args.thresholds}
             precision_table(f"{name}, {label}", concepts_at, references, checkpoint.vocab.index)
         if args.decode:
-            decode_table(name, checkpoint, fine_features, fine_logits, references, args.guide_weight,
-                         args.show, args.show_threshold)
+            decode_table(name, checkpoint, fine_features, fine_logits, references, args.thresholds,
+                         args.guide_weights, args.show, args.show_threshold)
     return 0
 
 
