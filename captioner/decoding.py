@@ -85,7 +85,7 @@ def greedy(
     if config.n_best != 1:
         raise ValueError(f"greedy decoding gives one caption per image, but n_best is {config.n_best}; "
                          "use strategy 'beam' or 'sample' for several")
-    state = _init_state(model, image_features)
+    state = checked_init_state(model, image_features)
     return _decode_rows(model, state, config, start_id, end_id, suppress_ids,
                         choose=lambda log_probs: log_probs.argmax(dim=1), group_size=1)
 
@@ -111,7 +111,7 @@ def sample(
         generator = torch.Generator(device=image_features.device).manual_seed(config.seed)
     n_samples = config.n_best
     # Each image's state (image term included) is computed once and repeated for its samples.
-    state = tuple(s.repeat_interleave(n_samples, dim=0) for s in _init_state(model, image_features))
+    state = tuple(s.repeat_interleave(n_samples, dim=0) for s in checked_init_state(model, image_features))
 
     def choose(log_probs: Tensor) -> Tensor:  # (rows, vocab) -> (rows,)
         return _sample_tokens(log_probs, config, generator)
@@ -147,17 +147,17 @@ def beam_search(
         raise ValueError(f"n_best ({n_best}) cannot exceed beam_size ({beam_size})")
     length_penalty = config.length_penalty
     device = image_features.device
-    state = _init_state(model, image_features)
+    state = checked_init_state(model, image_features)
     batch = state[0].size(0)
     state = tuple(s.repeat_interleave(beam_size, dim=0) for s in state)  # each (batch*beam, ...)
-    suppress = _suppress_tensor(suppress_ids, end_id, device)
+    suppress = suppress_tensor(suppress_ids, end_id, device)
 
     # Cumulative log-prob of each live beam; only beam 0 is alive at first (the others are copies).
     live_scores = torch.full((batch, beam_size), _NEG_INF, device=device)  # (active, beam)
     live_scores[:, 0] = 0.0
     tokens = torch.full((batch * beam_size,), start_id, dtype=torch.long, device=device)
     history = torch.empty((batch * beam_size, 0), dtype=torch.long, device=device)  # (active*beam, t)
-    pool = _Pool(batch, n_best, max_length, end_id, device)
+    pool = HypothesisPool(batch, n_best, max_length, end_id, device)
     # Images still searching. Once an image stops early its rows leave every tensor, so later steps
     # cost only what is still running (with a length penalty most images run long, a few stop early).
     active = torch.arange(batch, device=device)
@@ -165,7 +165,7 @@ def beam_search(
     for length in range(1, max_length + 1):
         n_active = active.numel()
         log_probs, state = model.step(tokens, state)
-        log_probs = _blocked(log_probs, history, suppress, config.no_repeat_ngram_size)  # (active*beam, V)
+        log_probs = blocked(log_probs, history, suppress, config.no_repeat_ngram_size)  # (active*beam, V)
         vocab = log_probs.size(1)
         candidates = (live_scores.view(-1, 1) + log_probs).view(n_active, beam_size * vocab)
         n_candidates = min(2 * beam_size, beam_size * vocab)
@@ -182,7 +182,7 @@ def beam_search(
             finished_tokens = history.view(n_active, beam_size, length - 1).gather(
                 1, parents.unsqueeze(2).expand(-1, -1, history.size(1)))  # (active, beam, length-1)
             lengths = torch.full_like(parents, length)
-            pool.add(_length_normalise(top_scores, lengths, length_penalty).masked_fill(~finishing, _NEG_INF),
+            pool.add(length_normalise(top_scores, lengths, length_penalty).masked_fill(~finishing, _NEG_INF),
                      top_scores, finished_tokens, finished=True, images=active)
 
         # Refill the slots with the best candidates that are not <end> (there are always beam_size of
@@ -202,8 +202,8 @@ def beam_search(
         # shortest or the longest remaining length (which one depends on the sign of length_penalty).
         best_live = live_scores.amax(dim=1)  # (active,)
         bound = torch.maximum(
-            _length_normalise(best_live, torch.full_like(best_live, length + 1), length_penalty),
-            _length_normalise(best_live, torch.full_like(best_live, max_length), length_penalty))
+            length_normalise(best_live, torch.full_like(best_live, length + 1), length_penalty),
+            length_normalise(best_live, torch.full_like(best_live, max_length), length_penalty))
         going_on = ~(pool.worst_score()[active] >= bound)  # (active,)
         if not bool(going_on.all()):
             if not bool(going_on.any()):
@@ -217,12 +217,12 @@ def beam_search(
     # Beams still open were cut at max_length (images that stopped early have none left).
     if active.numel():
         cut_lengths = torch.full_like(live_scores, history.size(1))
-        pool.add(_length_normalise(live_scores, cut_lengths, length_penalty), live_scores,
+        pool.add(length_normalise(live_scores, cut_lengths, length_penalty), live_scores,
                  history.view(active.numel(), beam_size, history.size(1)), finished=False, images=active)
     return pool.hypotheses()
 
 
-class _Pool:
+class HypothesisPool:
     """The n_best best hypotheses of each image, best first, as tensors (no per-image Python work)."""
 
     def __init__(self, batch: int, n_best: int, max_length: int, pad_id: int, device: torch.device):
@@ -272,7 +272,7 @@ def _decode_rows(
     """One caption per state row, the next token picked by `choose`; rows are grouped per image."""
     rows = state[0].size(0)
     device = state[0].device
-    suppress = _suppress_tensor(suppress_ids, end_id, device)
+    suppress = suppress_tensor(suppress_ids, end_id, device)
     tokens = torch.full((rows,), start_id, dtype=torch.long, device=device)
     history = torch.empty((rows, 0), dtype=torch.long, device=device)  # (rows, t)
     log_prob = torch.zeros(rows, device=device)
@@ -280,7 +280,7 @@ def _decode_rows(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for _ in range(config.max_length):
         log_probs, state = model.step(tokens, state)
-        log_probs = _blocked(log_probs, history, suppress, config.no_repeat_ngram_size)  # (rows, vocab)
+        log_probs = blocked(log_probs, history, suppress, config.no_repeat_ngram_size)  # (rows, vocab)
         # A row with every token blocked (only in degenerate set-ups) is made to end its caption.
         dead = ~torch.isfinite(log_probs).any(dim=1, keepdim=True)  # (rows, 1)
         is_end_column = torch.arange(log_probs.size(1), device=device) == end_id  # (vocab,)
@@ -293,7 +293,7 @@ def _decode_rows(
         history = torch.cat([history, tokens.unsqueeze(1)], dim=1)
         if bool(finished.all()):
             break
-    scores = _length_normalise(log_prob, lengths, config.length_penalty)
+    scores = length_normalise(log_prob, lengths, config.length_penalty)
     n_tokens = (lengths - finished.long()).tolist()
     history_list, log_prob_list, score_list = history.tolist(), log_prob.tolist(), scores.tolist()
     finished_list = finished.tolist()
@@ -321,7 +321,7 @@ def _sample_tokens(log_probs: Tensor, config: DecodeConfig, generator: torch.Gen
     return kept_ids.gather(1, choice).squeeze(1)
 
 
-def _blocked(log_probs: Tensor, history: Tensor, suppress: Tensor, no_repeat_ngram_size: int) -> Tensor:
+def blocked(log_probs: Tensor, history: Tensor, suppress: Tensor, no_repeat_ngram_size: int) -> Tensor:
     """A float32 copy of log_probs (rows, vocab) with suppressed tokens, and tokens that would repeat an
     n-gram already in that row's history (rows, t), set to -inf."""
     log_probs = log_probs.float()
@@ -337,20 +337,23 @@ def _blocked(log_probs: Tensor, history: Tensor, suppress: Tensor, no_repeat_ngr
     return log_probs
 
 
-def _length_normalise(log_probs: Tensor, lengths: Tensor, length_penalty: float) -> Tensor:
+def length_normalise(log_probs: Tensor, lengths: Tensor, length_penalty: float) -> Tensor:
+    """The ranking score: log_probs / lengths ** length_penalty (elementwise)."""
     if length_penalty == 0:
         return log_probs
     return log_probs / lengths.to(log_probs.dtype) ** length_penalty
 
 
-def _suppress_tensor(suppress_ids: Sequence[int], end_id: int, device: torch.device) -> Tensor:
+def suppress_tensor(suppress_ids: Sequence[int], end_id: int, device: torch.device) -> Tensor:
+    """The ids never to emit, sorted, as a tensor for `blocked`; refuses <end> among them."""
     ids = sorted({int(i) for i in suppress_ids})
     if end_id in ids:
         raise ValueError(f"suppress_ids contains the <end> id {end_id}; captions could never finish")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _init_state(model: StepModel, image_features: Tensor) -> State:
+def checked_init_state(model: StepModel, image_features: Tensor) -> State:
+    """`model.init_state`, as a tuple, checked to have the batch in dim 0 of every tensor."""
     state = model.init_state(image_features)
     if isinstance(state, Tensor):
         state = (state,)
