@@ -42,9 +42,9 @@ from captioner.concepts import (
 from captioner.config import DecodeConfig
 from captioner.constrained import constrained_beam_search
 from captioner.decoding import beam_search
-from captioner.encoder import Encoder, checkpoint_encoder, get_encoder
+from captioner.encoders import Encoder, checkpoint_encoder, get_encoder
+from captioner.features import encode_images
 from captioner.guidance import GuidedModel, guidance_bonus
-from captioner.images import load_image
 from captioner.metrics import compute_scores
 from captioner.text import tokenize
 
@@ -69,15 +69,14 @@ def flickr8k_val_photos(folder: Path, count: int) -> list[tuple[Path, list[str]]
 
 
 def run_cnn(encoder: Encoder, paths: list[Path], batch: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (N, D) and ImageNet logits (N, 1000) from one pass of the CNN."""
+    """Pooled features (N, D) and ImageNet logits (N, 1000) from one pass of the CNN (the library's one
+    route from image files to features, `encode_images`: the features every door decodes)."""
     head = imagenet_head(encoder.model, encoder.feature_dim)
-    features = []
-    for start in range(0, len(paths), batch):
-        pixels = torch.stack([encoder.preprocess(load_image(p)) for p in paths[start:start + batch]])
-        features.append(encoder(pixels))
-    features = torch.cat(features)
+    encoded = encode_images(paths, encoder, batch_size=batch)
+    if encoded.failures:
+        raise ValueError(f"photos that did not load: {[(str(paths[i]), reason) for i, reason in encoded.failures]}")
     with torch.inference_mode():
-        return features, head(features)
+        return encoded.features, head(encoded.features)
 
 
 def cached_cnn(encoder: Encoder, paths: list[Path], cache: Path | None, name: str

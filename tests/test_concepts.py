@@ -121,7 +121,7 @@ def test_constraints_skip_overlapping_and_unsayable_concepts():
 
 @pytest.mark.slow
 def test_imagenet_head_on_features_is_the_classifier():
-    from captioner.encoder import get_encoder
+    from captioner.encoders import get_encoder
 
     encoder = get_encoder("efficientnet_lite0")
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
