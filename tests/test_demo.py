@@ -190,15 +190,18 @@ def test_app_door_passes_its_arguments_to_launch(monkeypatch):
     door = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(door)
     from captioner.apps.cli import main
+    from captioner.images import DEFAULT_MAX_PIXELS
     from captioner.rerank import RerankConfig
 
     # demo/app.py is `captioner demo`: the same entry point, so the same flags (the --rerank-* ones too)
     assert door.main(["--checkpoint", "ck.safetensors", "--port", "7999", "--memory", "m.safetensors",
                       "--rerank-candidates", "8"]) == 0
     assert door.main([]) == 0
-    assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False,
-                                            "memory": "m.safetensors", "rerank": RerankConfig(candidates=8)}),
-                     ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None, "rerank": None})]
+    limit = DEFAULT_MAX_PIXELS
+    assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False, "memory": "m.safetensors",
+                                            "rerank": RerankConfig(candidates=8), "max_pixels": limit}),
+                     ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None, "rerank": None,
+                                "max_pixels": limit})]
     calls.clear()
     assert main(["demo", "--checkpoint", "ck.safetensors", "--memory", "m.safetensors", "--rerank-candidates", "8"]) == 0
     assert calls[0][1]["memory"] == "m.safetensors" and calls[0][1]["rerank"] == RerankConfig(candidates=8)
