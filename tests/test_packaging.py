@@ -20,9 +20,17 @@ from conftest import REPO_ROOT
 SHIPPED = REPO_ROOT / "checkpoints" / "flickr8k-lite0" / "model.safetensors"
 IN_WHEEL = "captioner/_checkpoints/flickr8k-lite0/model.safetensors"
 # What a checkout may hold beside the sources: build leftovers, caches, runs (never part of a build).
-NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                                     ".ruff_cache", ".benchmarks", ".venv", "runs", "features", "cache", "outputs",
-                                     "reports", "_checkpoints")
+_NOT_SOURCES_ANYWHERE = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
+                                               "_checkpoints")
+# Generated folders at the top of a checkout only: captioner/features/ is source, ./features/ a cache.
+_NOT_SOURCES_AT_TOP = {"build", "dist", ".benchmarks", ".venv", "runs", "features", "cache", "outputs", "reports"}
+
+
+def NOT_SOURCES(directory: str, names: list[str]) -> set[str]:  # noqa: N802 (a shutil.copytree ignore callable)
+    ignored = set(_NOT_SOURCES_ANYWHERE(directory, names))
+    if Path(directory).resolve() == REPO_ROOT.resolve():
+        ignored |= _NOT_SOURCES_AT_TOP & set(names)
+    return ignored
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> str:
