@@ -92,7 +92,7 @@ def startup_seconds(runs: int, checkpoint: str) -> dict[str, tuple[float, float]
     """Median (wall seconds, CPU seconds) of a bare `import torch, PIL, numpy` and of `captioner caption one.jpg`
     (one of the demo's example photos, in a temporary folder), run alternately so a slow spell hits both. CPU
     time (user + system, all threads) is printed too: on a machine shared with other jobs it moves less."""
-    example = Path(__file__).resolve().parents[1] / "demo" / "examples" / "cat.jpg"
+    example = Path(__file__).resolve().parents[2] / "demo" / "examples" / "cat.jpg"
     times: dict[str, list[tuple[float, float]]] = {"imports": [], "caption": []}
     with tempfile.TemporaryDirectory() as tmp:
         photo = Path(tmp) / "one.jpg"
