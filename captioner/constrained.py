@@ -33,8 +33,10 @@ from captioner.decoding import (
     HypothesisPool,
     StepModel,
     beam_search,
+    best_possible_score,
     blocked,
     checked_init_state,
+    keep_images,
     length_normalise,
     suppress_tensor,
 )
@@ -152,18 +154,14 @@ def constrained_beam_search(
         # Early stop, as in beam_search: a beam in any state may still reach the accepting state, but its
         # log-prob can only fall.
         best_live = live_scores.view(n_active, -1).amax(dim=1)  # (active,)
-        bound = torch.maximum(
-            length_normalise(best_live, torch.full_like(best_live, length + 1), length_penalty),
-            length_normalise(best_live, torch.full_like(best_live, max_length), length_penalty))
-        going_on = ~(pool.worst_score()[active] >= bound)  # (active,)
+        going_on = ~(pool.worst_score()[active] >= best_possible_score(best_live, length, max_length,
+                                                                       length_penalty))  # (active,)
         if not bool(going_on.all()):
             if not bool(going_on.any()):
                 active = active[:0]
                 break
-            rows = going_on.repeat_interleave(slots)
-            active, live_scores = active[going_on], live_scores[going_on]
-            tokens, history = tokens[rows], history[rows]
-            state = tuple(s[rows] for s in state)
+            active, live_scores, tokens, history, state = keep_images(going_on, slots, active, live_scores,
+                                                                      tokens, history, state)
 
     # The accepting state's beams still open were cut at max_length.
     if active.numel():

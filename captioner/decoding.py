@@ -198,21 +198,15 @@ def beam_search(
         if length == max_length:
             break
 
-        # Early stop: a live beam's log-prob can only fall, so its best possible score is at the
-        # shortest or the longest remaining length (which one depends on the sign of length_penalty).
-        best_live = live_scores.amax(dim=1)  # (active,)
-        bound = torch.maximum(
-            length_normalise(best_live, torch.full_like(best_live, length + 1), length_penalty),
-            length_normalise(best_live, torch.full_like(best_live, max_length), length_penalty))
-        going_on = ~(pool.worst_score()[active] >= bound)  # (active,)
+        # Early stop once no live beam can beat the worst of an image's n best finished ones.
+        going_on = ~(pool.worst_score()[active] >= best_possible_score(live_scores.amax(dim=1), length, max_length,
+                                                                       length_penalty))  # (active,)
         if not bool(going_on.all()):
             if not bool(going_on.any()):
                 active = active[:0]
                 break
-            rows = going_on.repeat_interleave(beam_size)
-            active, live_scores = active[going_on], live_scores[going_on]
-            tokens, history = tokens[rows], history[rows]
-            state = tuple(s[rows] for s in state)
+            active, live_scores, tokens, history, state = keep_images(going_on, beam_size, active, live_scores,
+                                                                      tokens, history, state)
 
     # Beams still open were cut at max_length (images that stopped early have none left).
     if active.numel():
@@ -220,6 +214,24 @@ def beam_search(
         pool.add(length_normalise(live_scores, cut_lengths, length_penalty), live_scores,
                  history.view(active.numel(), beam_size, history.size(1)), finished=False, images=active)
     return pool.hypotheses()
+
+
+def best_possible_score(best_live: Tensor, length: int, max_length: int, length_penalty: float) -> Tensor:
+    """The highest length-normalised score a live beam with log-prob `best_live` (active,) can still reach:
+    its log-prob can only fall, so the best is at the shortest or the longest remaining length (which one
+    depends on the sign of length_penalty)."""
+    return torch.maximum(
+        length_normalise(best_live, torch.full_like(best_live, length + 1), length_penalty),
+        length_normalise(best_live, torch.full_like(best_live, max_length), length_penalty))
+
+
+def keep_images(going_on: Tensor, rows_per_image: int, active: Tensor, live_scores: Tensor, tokens: Tensor,
+                history: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, Tensor, State]:
+    """Drop the images whose search is over (`going_on` False, (active,)) from the search's tensors: per-image
+    `active` and `live_scores`, and `tokens`, `history` and `state` with `rows_per_image` rows per image."""
+    rows = going_on.repeat_interleave(rows_per_image)
+    return (active[going_on], live_scores[going_on], tokens[rows], history[rows],
+            tuple(s[rows] for s in state))
 
 
 class HypothesisPool:
