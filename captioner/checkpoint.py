@@ -39,7 +39,8 @@ CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
 # copies it there), else in the checkpoints/ folder of the git checkout this package runs from (editable).
 PACKAGED_CHECKPOINT = Path(__file__).resolve().parent / "_checkpoints" / SHIPPED_CHECKPOINT
 REPOSITORY_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / SHIPPED_CHECKPOINT
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
+# pickle's PROTO opcode with protocol 2..5; torch.save's zip archive
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
 class CheckpointError(ValueError):

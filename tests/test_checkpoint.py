@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import pickle
 
 import pytest
@@ -58,9 +59,18 @@ def test_truncated_file(saved):
         load_checkpoint(path)
 
 
-def test_garbage_file(tmp_path):
+@pytest.mark.parametrize("seed", range(8))
+def test_garbage_file(tmp_path, seed):
     path = tmp_path / "model.safetensors"
-    path.write_bytes(os.urandom(64))
+    path.write_bytes(random.Random(seed).randbytes(64))
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(path)
+
+
+def test_garbage_that_starts_like_a_pickle_opcode_is_called_corrupted(tmp_path):
+    # 0x80 alone is not a pickle header; only 0x80 followed by a protocol number 2..5 is
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x80\xff" + bytes(62))
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_checkpoint(path)
 
