@@ -177,9 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
                    help="mixed precision: bf16 or fp16 (with loss scaling) on CUDA; bf16 also runs on the CPU")
+    p.add_argument("--init-from", default=None,
+                   help="start from this trained checkpoint (its decoder shape and CNN; the feature cache must come "
+                        "from that CNN): cross-entropy training grows it to the new vocabulary, --scst fine-tunes it")
+    text = p.add_argument_group("captions without photos (captioner.train.text_corpus)")
+    text.add_argument("--text-corpus", default=None,
+                      help="also train on these captions (a folder like ../shared/data/coco-text, its JSON file, or "
+                           "a text file with one caption per line), each with a pseudo image vector from the CNN's "
+                           "ImageNet head for the concepts it names; its words join the vocabulary")
+    text.add_argument("--pseudo-target-p", type=float, default=0.6,
+                      help="how strongly a pseudo vector shows its concepts: the ImageNet head's probability of them")
     scst = p.add_argument_group("self-critical fine-tuning (SCST, reward = CIDEr-D)")
     scst.add_argument("--scst", action="store_true", help="fine-tune --init-from with SCST instead of XE training")
-    scst.add_argument("--init-from", default=None, help="the cross-entropy checkpoint to fine-tune")
     scst.add_argument("--scst-samples", type=int, default=scst_defaults.samples_per_image,
                       help="sampled captions per image")
     scst.add_argument("--scst-batch-images", type=int, default=scst_defaults.batch_images, help="images per update")

@@ -8,7 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from captioner.config import DecodeConfig, FinetuneConfig, RerankConfig, ScstConfig, TrainConfig
+from captioner.config import (
+    DecodeConfig,
+    FinetuneConfig,
+    ModelConfig,
+    RerankConfig,
+    ScstConfig,
+    TrainConfig,
+    to_dict,
+)
 
 
 def rerank_config(args: argparse.Namespace) -> RerankConfig | None:
@@ -66,9 +74,9 @@ def _train(args: argparse.Namespace, device) -> int:
 
     autocast_dtype(args.amp, device)  # refuse a bad --amp before reading any data
     if args.scst:
+        if args.text_corpus:
+            raise ValueError("--text-corpus adds cross-entropy training data; --scst does not use it")
         return _train_scst(args)
-    if args.init_from:
-        raise ValueError("--init-from goes with --scst (fine-tuning a trained checkpoint)")
     dataset = load_data(args)
     config = TrainConfig.from_options(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                       label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
@@ -77,8 +85,15 @@ def _train(args: argparse.Namespace, device) -> int:
                                       val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     model_config = {"embed_dim": args.embed_dim, "hidden_dim": args.hidden_dim, "image_dim": args.image_dim,
                     "num_layers": args.layers, "dropout": args.dropout, "image_input": args.image_input}
+    if args.init_from:  # the initial checkpoint's shape; a shape flag set to something else is a mistake
+        defaults = to_dict(ModelConfig(vocab_size=0))
+        changed = sorted(k for k, v in model_config.items() if v != defaults[k])
+        if changed:
+            raise ValueError(f"--init-from keeps the checkpoint's decoder shape; do not set {changed}")
+        model_config = None
     best = train_on_cache(dataset, args.features, args.out, model_config, config, resume=args.resume,
-                          device=device, amp=args.amp)
+                          device=device, amp=args.amp, init_checkpoint=args.init_from,
+                          text_corpus=args.text_corpus, pseudo_target_p=args.pseudo_target_p)
     distributed.print0(f"best checkpoint: {best}")
     return 0
 

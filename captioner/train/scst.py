@@ -49,6 +49,7 @@ from captioner.metrics.cider import CiderD
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary, tokenize
 from captioner.train.trainer import Objective, Trainer
+from captioner.train.warm_start import check_features_encoder
 
 
 @dataclass
@@ -261,15 +262,7 @@ class SelfCritical(Objective):
         self.model, self.vocab = initial.model, initial.vocab
         if config.dropout is not None:  # the rate used while sampling; saved checkpoints keep the XE config
             set_dropout(self.model, config.dropout)
-        if self.train_features.size(1) != self.model.config.feature_dim:
-            raise ValueError(f"{initial.path}: the decoder expects {self.model.config.feature_dim}-dim image "
-                             f"features, but the training features have {self.train_features.size(1)}; use the "
-                             "feature cache of the encoder the checkpoint was trained with")
-        cache_hash, model_hash = self.features_encoder.get("weights_hash"), initial.encoder.get("weights_hash")
-        if cache_hash and model_hash and cache_hash != model_hash:
-            raise ValueError(f"{initial.path}: trained on CNN weights {model_hash}, but the feature cache was made "
-                             f"with {cache_hash}; make a cache with `captioner features --from-checkpoint "
-                             f"{initial.path}`")
+        check_features_encoder(initial, self.features_encoder, self.train_features.size(1))
         scorer_start = time.perf_counter()
         self.scorer = CiderD(reference_tokens(self.train_records))
         print(f"reward: CIDEr-D with document frequencies of {len(self.train_records)} training images "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from captioner import distributed
+from captioner.checkpoint import load_checkpoint
 from captioner.config import ModelConfig, TrainConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.evaluation import validate
@@ -25,19 +27,24 @@ from captioner.model import CaptionDecoder, count_parameters
 from captioner.text import Vocabulary, tokenize
 from captioner.train.data import cached_splits, encode_split
 from captioner.train.schedule import learning_rate
+from captioner.train.text_corpus import corpus_fingerprint, text_corpus_examples
 from captioner.train.trainer import Objective, Trainer, autocast_dtype
+from captioner.train.warm_start import check_features_encoder, warm_start
 
 
 class TeacherForcing(Objective):
-    """Cross-entropy of every caption's next token given the true previous ones; init: a new decoder."""
+    """Cross-entropy of every caption's next token given the true previous ones; init: a new decoder, or
+    (`init_checkpoint`) a trained one, grown to this run's vocabulary (`captioner.train.warm_start`)."""
 
     name = "cross-entropy training"
     supports_ddp = supports_amp = True
 
     def __init__(self, train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
                  val_features: Tensor, config: TrainConfig, model_config: dict[str, Any] | None = None,
-                 encoder: dict[str, Any] | None = None, data_fingerprint: str | None = None) -> None:
+                 encoder: dict[str, Any] | None = None, data_fingerprint: str | None = None,
+                 init_checkpoint: str | Path | None = None) -> None:
         self.config, self.model_overrides, self.encoder_description = config, model_config or {}, encoder or {}
+        self.init_checkpoint, self.initial = init_checkpoint, None
         self.train_records, self.train_features = train_records, train_features
         limit = config.val_max_images or len(val_records)
         self.val_records, self.val_features = val_records[:limit], val_features[:limit]
@@ -52,11 +59,28 @@ class TeacherForcing(Objective):
         self.device, self.amp, self.amp_dtype = device, amp, autocast_dtype(amp, device)
         self.vocab = Vocabulary.build((tokenize(c) for r in self.train_records for c in r.captions),
                                       config.min_word_count)
-        model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.train_features.size(1),
-                                   **self.model_overrides)
-        self.model = CaptionDecoder(model_config).to(device)
+        if self.init_checkpoint is None:
+            model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.train_features.size(1),
+                                       **self.model_overrides)
+            self.model = CaptionDecoder(model_config)
+        else:
+            self.model = self.warm_started()
+        self.model.to(device)
         self.data = encode_split(self.train_records, self.train_features.float(), self.vocab,
                                  config.max_caption_length)
+
+    def warm_started(self) -> CaptionDecoder:
+        """A decoder of the initial checkpoint's shape with this run's vocabulary, its weights copied."""
+        self.initial = initial = load_checkpoint(self.init_checkpoint)
+        if self.model_overrides:
+            raise ValueError("a warm-started decoder keeps the shape of its initial checkpoint; do not give "
+                             f"decoder shape options ({sorted(self.model_overrides)})")
+        check_features_encoder(initial, self.encoder_description, self.train_features.size(1))
+        model = CaptionDecoder(replace(initial.model.config, vocab_size=len(self.vocab)))
+        kept = warm_start(model, self.vocab, initial.model, initial.vocab)
+        distributed.print0(f"warm start from {initial.path}: {kept} of {len(self.vocab)} words keep their "
+                           f"trained rows; {len(self.vocab) - kept} are new")
+        return model
 
     @property
     def examples(self) -> int:
@@ -67,15 +91,19 @@ class TeacherForcing(Objective):
         return math.ceil(self.examples / self.config.batch_size)
 
     def settings(self) -> dict[str, Any]:
-        return {"train_config": self.config}
+        return {"train_config": self.config, "init_checkpoint": str(self.init_checkpoint or "")}
 
     def run_info(self) -> dict[str, Any]:
-        return {"train_config": to_dict(self.config), "seed": self.config.seed,
+        initial = {} if self.initial is None else {"init_checkpoint": str(self.initial.path),
+                                                   "init_info": self.initial.info}
+        return {**initial, "train_config": to_dict(self.config), "seed": self.config.seed,
                 "data_fingerprint": self.data_fingerprint, "train_images": len(self.train_records),
                 "train_captions": self.examples, "parameters": count_parameters(self.model),
                 "world_size": self.world, "device": self.device.type, "amp": self.amp}
 
     def encoder(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+        if self.initial is not None:  # the initial checkpoint's own CNN (checked against the cache), passed on
+            return self.initial.encoder, self.initial.encoder_state
         return self.encoder_description, None
 
     def learning_rates(self, step: int, total_steps: int) -> list[float]:
@@ -142,7 +170,8 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
           config: TrainConfig | None = None, encoder: dict[str, Any] | None = None, resume: bool = False,
           data_fingerprint: str | None = None, progress: bool = True,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-          device: str | torch.device = "cpu", amp: str | None = None) -> Path:
+          device: str | torch.device = "cpu", amp: str | None = None,
+          init_checkpoint: str | Path | None = None) -> Path:
     """Train a decoder; returns the path of the best checkpoint.
 
     `train_features` / `val_features` hold one row per record, in order. `model_config` overrides
@@ -151,10 +180,11 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
     `device`: where the model trains (the features stay on the CPU; batches are moved). `amp`: None,
     "bf16" or "fp16" mixed precision (`autocast_dtype`). Under torchrun (a process group is initialised,
     see captioner.distributed) the run is data-parallel and `config.batch_size` is the global batch.
+    `init_checkpoint`: start from this trained decoder (its shape, its CNN), grown to the new vocabulary.
     """
     config = config or TrainConfig()
     objective = TeacherForcing(train_records, train_features, val_records, val_features, config, model_config,
-                               encoder, data_fingerprint)
+                               encoder, data_fingerprint, init_checkpoint)
     return Trainer(objective, out_dir, resume=resume, device=device, amp=amp, ema_decay=config.ema_decay,
                    progress=progress, on_epoch_end=on_epoch_end).run()
 
@@ -163,8 +193,21 @@ def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
                    model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
                    resume: bool = False, progress: bool = True,
                    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-                   device: str | torch.device = "cpu", amp: str | None = None) -> Path:
-    """Train on a dataset's train split with features from a cache; select on its val split."""
-    return train(**cached_splits(dataset, features_dir), out_dir=out_dir, model_config=model_config,
-                 config=config, resume=resume, data_fingerprint=dataset.fingerprint(), progress=progress,
-                 on_epoch_end=on_epoch_end, device=device, amp=amp)
+                   device: str | torch.device = "cpu", amp: str | None = None,
+                   init_checkpoint: str | Path | None = None, text_corpus: str | Path | None = None,
+                   pseudo_target_p: float = 0.6) -> Path:
+    """Train on a dataset's train split with features from a cache; select on its val split.
+
+    `text_corpus`: captions without photos (`captioner.train.text_corpus`) added to the training split, each
+    with a pseudo image vector from the cache CNN's ImageNet head (`pseudo_target_p`)."""
+    splits = cached_splits(dataset, features_dir)
+    fingerprint = dataset.fingerprint()
+    if text_corpus is not None:
+        records, features, description = text_corpus_examples(text_corpus, splits, pseudo_target_p)
+        distributed.print0(description)
+        splits["train_records"] = splits["train_records"] + records
+        splits["train_features"] = torch.cat([splits["train_features"].float(), features])
+        fingerprint = f"{fingerprint}+text:{corpus_fingerprint(records)}"
+    return train(**splits, out_dir=out_dir, model_config=model_config, config=config, resume=resume,
+                 data_fingerprint=fingerprint, progress=progress, on_epoch_end=on_epoch_end, device=device,
+                 amp=amp, init_checkpoint=init_checkpoint)
