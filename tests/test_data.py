@@ -356,7 +356,7 @@ def test_coco_bad_files(tmp_path):
     path.write_text('{"images": [], "annotations": [}')
     raises(["captions_val.json", "line 1, column", "invalid JSON"], read_coco, path, tmp_path / "images")
     two_splits = write_json(tmp_path / "captions_train_val.json", coco_data())
-    raises(["captions_train_val.json", "names two splits (train and val)", "karpathy_split="],
+    raises(["captions_train_val.json", "names two splits (train and val", "karpathy_split="],
            read_coco, two_splits, tmp_path / "images")
 
 
