@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests that need ../shared/data/flickr8k skip when it is absent, unless
+"""Shared fixtures. Tests that need ../shared/data/flickr8k (or coco-dev) skip when it is absent, unless
 CAPTIONER_REQUIRE_SHARED_DATA=1 (set by .ci/run), in which case its absence is a failure."""
 
 from __future__ import annotations
@@ -10,17 +10,29 @@ import pytest
 from helpers import REPO_ROOT
 
 FLICKR8K_DIR = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO_ROOT.parent / "shared" / "data" / "flickr8k"))
+COCO_DEV_DIR = Path(os.environ.get("CAPTIONER_COCO_DEV", REPO_ROOT.parent / "shared" / "data" / "coco-dev"))
+
+
+def skip_without(name: str, folder: Path, variable: str) -> None:
+    message = f"{name} data not found at {folder} (set {variable} to its folder); shared-data tests skipped"
+    if os.environ.get("CAPTIONER_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(message.replace("skipped", "are required (CAPTIONER_REQUIRE_SHARED_DATA=1)"))
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
 def flickr8k_dir() -> Path:
     if not (FLICKR8K_DIR / "dataset_flickr8k.json").is_file():
-        message = (f"Flickr8k data not found at {FLICKR8K_DIR} (set CAPTIONER_FLICKR8K to its folder); "
-                   "shared-data tests skipped")
-        if os.environ.get("CAPTIONER_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(message.replace("skipped", "are required (CAPTIONER_REQUIRE_SHARED_DATA=1)"))
-        pytest.skip(message)
+        skip_without("Flickr8k", FLICKR8K_DIR, "CAPTIONER_FLICKR8K")
     return FLICKR8K_DIR
+
+
+@pytest.fixture(scope="session")
+def coco_dev_dir() -> Path:
+    """../shared/data/coco-dev: 100 COCO photos in one captions.json (no split in its name) and images/."""
+    if not (COCO_DEV_DIR / "captions.json").is_file():
+        skip_without("coco-dev", COCO_DEV_DIR, "CAPTIONER_COCO_DEV")
+    return COCO_DEV_DIR
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from captioner.data import (
     read_flickr8k,
     read_karpathy,
 )
+from captioner.data.coco import UNNAMED_SPLIT, split_from_file_name
 
 LAYOUTS = ("karpathy", "coco", "flickr8k")
 
@@ -93,6 +94,17 @@ def test_flickr8k_coco_with_karpathy_split(flickr8k_dir, flickr8k_layouts):
     coco_files = sorted(flickr8k_dir.glob("captions_*.json"))
     dataset = read_coco(coco_files, flickr8k_dir / "images", karpathy_split=flickr8k_dir / "dataset_flickr8k.json")
     assert dataset.fingerprint() == flickr8k_layouts["karpathy"].fingerprint()
+
+
+@pytest.mark.shared_data
+def test_coco_dev_reads_as_it_is(coco_dev_dir):
+    """coco-dev's captions.json names no split: its 100 photos, 5 captions each, are the test split, from
+    the folder or the file, with images found in images/."""
+    from_folder, from_file = load_dataset(coco_dev_dir), load_dataset(coco_dev_dir / "captions.json")
+    assert from_folder.fingerprint() == from_file.fingerprint()
+    test = from_folder.require_split("test")
+    assert len(test) == len(from_folder) == 100 and all(len(r.captions) == 5 for r in test)
+    assert all(r.image_path.parent == coco_dev_dir / "images" and r.image_path.is_file() for r in test)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,14 +203,14 @@ def test_dataset_helpers(tiny):
 def test_load_dataset_detection_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    raises(["dataset_*.json", "Flickr8k.token.txt", "captions_*.json"], load_dataset, empty)
+    raises(["dataset_*.json", "Flickr8k.token.txt", "captions*.json"], load_dataset, empty)
     odd = write_json(tmp_path / "odd.json", {"images": [{"file": "a.jpg"}]})
     raises(["odd.json", "sentences", "annotations"], load_dataset, odd)
     with pytest.raises(ValueError, match="unknown layout"):
         load_dataset(tmp_path, layout="voc")
     with pytest.raises(FileNotFoundError):
         load_dataset(tmp_path / "missing.json")
-    raises(["no captions_*.json"], load_dataset, empty, layout="coco")
+    raises(["no captions*.json"], load_dataset, empty, layout="coco")
 
 
 # Karpathy ---------------------------------------------------------------------------------------------------
@@ -343,8 +355,47 @@ def test_coco_bad_files(tmp_path):
     raises(["captions_val.json", "missing key 'annotations'"], read_coco, path, tmp_path / "images")
     path.write_text('{"images": [], "annotations": [}')
     raises(["captions_val.json", "line 1, column", "invalid JSON"], read_coco, path, tmp_path / "images")
+    two_splits = write_json(tmp_path / "captions_train_val.json", coco_data())
+    raises(["captions_train_val.json", "names two splits (train and val", "karpathy_split="],
+           read_coco, two_splits, tmp_path / "images")
+
+
+# A COCO file whose name names no split (coco-dev's captions.json) is one split, "test". This replaces the
+# refusal ("cannot tell the split from the file name") that these files met before.
+def test_coco_file_naming_no_split_is_the_test_split(tmp_path):
+    touch_images(tmp_path / "images")
     unnamed = write_json(tmp_path / "captions.json", coco_data())
-    raises(["captions.json", "cannot tell the split", "karpathy_split="], read_coco, unnamed, tmp_path / "images")
+    for source in (unnamed, tmp_path):  # the file, and its folder (captions*.json)
+        dataset = load_dataset(source)
+        assert [r.split for r in dataset.records] == ["test"] * 3 and UNNAMED_SPLIT == "test"
+        assert "captions.json naming no split: read as the test split" in dataset.source
+        assert [r.image_id for r in dataset.require_split("test")] == NAMES
+        with pytest.raises(ValueError) as caught:
+            dataset.require_split("val")
+        message = str(caught.value)
+        for fragment in ("captions.json", "no 'val' images", "it has test (3 images)", "naming no split",
+                         "use --split test"):
+            assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert split_from_file_name(Path("captions_val2014.json")) == "val"
+    assert split_from_file_name(Path("coco-dev.json")) == "val"  # dev is a split word
+    assert split_from_file_name(Path("photos.json")) == "test"
+
+    # beside a named file, each keeps its own rule
+    named = write_coco(tmp_path, coco_data(["a.jpg"], first_id=7), "captions_train.json")
+    data = coco_data(["b.jpg", "c.jpg"])
+    write_json(unnamed, data)
+    dataset = load_dataset(tmp_path)
+    assert {r.image_id: r.split for r in dataset.records} == {"a.jpg": "train", "b.jpg": "test", "c.jpg": "test"}
+    assert named.name in dataset.source and "naming no split" in dataset.source
+    assert "naming no split" not in read_coco(named, tmp_path / "images").source
+
+
+def test_require_split_on_a_dataset_with_several_splits(tiny):
+    dataset = load_dataset(tiny, layout="karpathy")
+    assert dataset.require_split("dev") == dataset.split("val")
+    empty = Dataset([r for r in dataset.records if r.split != "val"], LoadReport(), "somewhere")
+    with pytest.raises(ValueError, match=r"somewhere: no 'val' images; it has train \(1 images\), test \(1 images\)$"):
+        empty.require_split("val")
 
 
 def test_coco_several_files(tmp_path):

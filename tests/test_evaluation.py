@@ -62,3 +62,24 @@ def test_evaluate_missing_checkpoint_is_a_usage_error(tiny_run, capsys):
     assert main(["evaluate", "--checkpoint", "/nonexistent.safetensors", "--data", str(tiny_run["data"]),
                  "--images", str(tiny_run["images"])]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_asks_coco_dev_for_a_split_it_lacks(coco_dev_dir, capsys):
+    """coco-dev's captions.json names no split, so it is all test; asking for val says so, before any model
+    is loaded (the checkpoint path does not exist)."""
+    assert main(["evaluate", "--checkpoint", "/nonexistent.safetensors", "--data", str(coco_dev_dir),
+                 "--split", "val"]) == 2
+    error = capsys.readouterr().err
+    for fragment in ("no 'val' images", "it has test (100 images)", "captions.json naming no split",
+                     "use --split test"):
+        assert fragment in error, (fragment, error)
+
+
+@pytest.mark.slow
+def test_evaluate_reads_coco_dev_as_it_is(coco_dev_dir, toy_checkpoint, tmp_path, capsys):
+    out = tmp_path / "coco-dev"
+    assert main(["evaluate", "--checkpoint", str(toy_checkpoint), "--data", str(coco_dev_dir / "captions.json"),
+                 "--out", str(out), "--strategy", "greedy", "--no-html"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] == "test" and report["images"] == 100 and not report["skipped_images"]
+    assert 0 <= report["scores"]["Obj-F1"] <= 1 and "Obj-F1" in capsys.readouterr().out

@@ -78,6 +78,7 @@ def _train(args: argparse.Namespace, device) -> int:
             raise ValueError("--text-corpus adds cross-entropy training data; --scst does not use it")
         return _train_scst(args)
     dataset = load_data(args)
+    dataset.require_split("train")
     config = TrainConfig.from_options(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                       label_smoothing=args.label_smoothing, min_word_count=args.min_word_count,
                                       patience=args.patience, val_max_images=args.val_images,
@@ -128,6 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("evaluate runs in one process; start it without torchrun")
     rerank = rerank_config(args)
     dataset = load_data(args)
+    dataset.require_split(args.split)  # before loading the model: a clear error for a split the data lacks
     checkpoints = args.checkpoint or [default_checkpoint_path()]
     report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), out_dir=args.out,
                                  features_dir=args.features, batch_size=args.batch_size, device=args.device,
@@ -166,6 +168,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from captioner.utils import resolve_device
 
     dataset = load_data(args)
+    dataset.require_split(args.split)
     checkpoint = load_checkpoint(args.checkpoint or default_checkpoint_path())
     memory = build_memory(dataset, args.split, checkpoint, args.features or [], args.batch_size,
                           resolve_device(args.device))
@@ -189,7 +192,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                          val_max_images=args.val_images, train_max_images=args.train_images,
                                          val_decode=DecodeConfig(strategy="beam", beam_size=args.val_beam_size))
     dataset = load_data(args)
-    best = finetune(args.checkpoint, dataset.split("train"), dataset.split("val"), args.out, config,
+    best = finetune(args.checkpoint, dataset.require_split("train"), dataset.split("val"), args.out, config,
                     resume=args.resume)
     print(f"best checkpoint: {best}")
     return 0

@@ -34,8 +34,9 @@ def read_coco(captions_json: PathLike | Sequence[PathLike], images_dir: PathLike
               karpathy_split: PathLike | None = None, skip_invalid: bool = False) -> Dataset:
     """Read MS-COCO caption files (one path or several) through pycocotools.
 
-    The split of each file comes from its name (train / val / dev / test), or, with `karpathy_split`
-    (a Karpathy `dataset_coco.json`), per image from that file (matched on cocoid, else file name;
+    The split of each file comes from its name (train / val / dev / test as a word in it; a name with none,
+    like coco-dev's `captions.json`, makes the whole file one split, `UNNAMED_SPLIT`), or, with
+    `karpathy_split` (a Karpathy `dataset_coco.json`), per image from that file (matched on cocoid, else file name;
     restval counts as train). Images are looked for under `images_dir` at the Karpathy `filepath`,
     then `file_name`, train2014/`file_name` and val2014/`file_name`. `images_dir` defaults to the
     first file's folder / "images" when that exists, else that folder.
@@ -54,23 +55,43 @@ def read_coco_data(loaded: list[tuple[Path, Any]], images_dir: PathLike | None,
     problems = Problems(skip_invalid, report)
     split_index = _KarpathySplitIndex(Path(karpathy_split), problems) if karpathy_split is not None else None
     pending: list[Pending] = []
+    unnamed: list[str] = []  # files whose name names no split
     for path, data in loaded:
-        file_split = None if split_index is not None else _split_from_file_name(path)
+        file_split = None if split_index is not None else split_from_file_name(path)
+        if split_index is None and not _split_words(path):
+            unnamed.append(path.name)
         pending += _read_coco_file(path, data, file_split, split_index, problems)
     records = finish_records(pending, finder, problems)
     files = ", ".join(str(path) for path, _ in loaded)
     split_note = f", splits from {karpathy_split}" if karpathy_split is not None else ""
+    if unnamed:
+        split_note += f", {' and '.join(unnamed)} naming no split: read as the {UNNAMED_SPLIT} split"
     return Dataset(records, report, f"coco {files} (images in {finder.root}{split_note})")
 
 
-def _split_from_file_name(path: Path) -> str:
+# The split of a COCO file whose name names none (coco-dev's `captions.json`): a file someone hands over
+# as it is, with no split in its name, is most often a set to score, and "test" is `captioner evaluate`'s
+# default --split, so `captioner evaluate --data that-file` works as it is. A command asking such a file
+# for another split stops with a message that names this rule (Dataset.require_split, via the source).
+UNNAMED_SPLIT = "test"
+
+
+def _split_words(path: Path) -> set[str]:
     words = re.split(r"[^a-z]+", path.stem.lower())
-    found = {SPLIT_ALIASES[word] for word in words if word in SPLIT_ALIASES}
-    if len(found) != 1:
+    return {SPLIT_ALIASES[word] for word in words if word in SPLIT_ALIASES}
+
+
+def split_from_file_name(path: Path) -> str:
+    """The split a COCO file's name gives its images: the one split word in it (train / val / dev / test,
+    as a word), or `UNNAMED_SPLIT` when it has none. A name with two different ones is refused."""
+    found = _split_words(path)
+    if not found:
+        return UNNAMED_SPLIT
+    if len(found) > 1:
         raise DataFormatError(
-            f"{path.name}: cannot tell the split from the file name (looked for one of train, val, dev, test "
-            f"as a word in it{', found ' + ' and '.join(sorted(found)) if found else ''}); rename the file "
-            "or give --karpathy-split (karpathy_split= in Python)")
+            f"{path.name}: the file name names two splits ({' and '.join(sorted(found))}; looked for train, "
+            "val, dev, test as words in it); rename the file or give --karpathy-split (karpathy_split= in "
+            "Python)")
     return found.pop()
 
 

@@ -23,7 +23,7 @@ def load_dataset(source: PathLike | Sequence[PathLike], layout: str = "auto", im
     """Read a dataset from a file or a folder, detecting its layout unless `layout` names one.
 
     Folder: a `dataset_*.json` -> Karpathy; else `Flickr8k.token.txt` -> Flickr8k; else all
-    `captions_*.json` -> COCO (COCO also when `karpathy_split` is given). File: json with
+    `captions*.json` (captions_train2014.json, coco-dev's captions.json) -> COCO (COCO also when `karpathy_split` is given). File: json with
     images[].sentences -> Karpathy; json with "annotations" -> COCO; .txt -> Flickr8k.
     A list of files is read as COCO.
     """
@@ -67,7 +67,7 @@ def _load_folder(folder: Path, layout: str, images_dir: PathLike | None, skip_in
     karpathy_files = sorted(folder.glob("dataset_*.json"))
     token_files = [folder / "Flickr8k.token.txt"] if (folder / "Flickr8k.token.txt").is_file() else \
         sorted(folder.glob("*.token.txt"))
-    coco_files = sorted(folder.glob("captions_*.json"))
+    coco_files = sorted(folder.glob("captions*.json"))
     if layout == "auto":
         if karpathy_files:
             layout = "karpathy"
@@ -77,9 +77,9 @@ def _load_folder(folder: Path, layout: str, images_dir: PathLike | None, skip_in
             layout = "coco"
         else:
             raise DataFormatError(f"{folder}: no dataset found: looked for dataset_*.json (Karpathy), "
-                                  "Flickr8k.token.txt (Flickr8k) and captions_*.json (COCO)")
+                                  "Flickr8k.token.txt (Flickr8k) and captions*.json (COCO)")
     wanted = {"karpathy": (karpathy_files, "dataset_*.json"), "flickr8k": (token_files, "Flickr8k.token.txt"),
-              "coco": (coco_files, "captions_*.json")}
+              "coco": (coco_files, "captions*.json")}
     files, pattern = wanted[layout]
     if not files:
         raise DataFormatError(f"{folder}: layout={layout!r} but no {pattern} file found there")

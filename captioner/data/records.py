@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,17 @@ class Dataset:
         if normalised is None:
             raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return [record for record in self.records if record.split == normalised]
+
+    def require_split(self, name: str) -> list[CaptionRecord]:
+        """`split(name)`, refusing an empty one with a message that says which splits the source has (and,
+        through `source`, how a reader chose them: e.g. a COCO file whose name names no split is all test)."""
+        records = self.split(name)
+        if not records:
+            counts = Counter(record.split for record in self.records)
+            has = ", ".join(f"{split} ({counts[split]} images)" for split in SPLITS if counts[split]) or "no images"
+            raise ValueError(f"{self.source or 'the dataset'}: no {name!r} images; it has {has}"
+                             + (f"; use --split {next(iter(counts))}" if len(counts) == 1 else ""))
+        return records
 
     def __len__(self) -> int:
         return len(self.records)

@@ -20,7 +20,8 @@ ImageId = Hashable
 References = Mapping[ImageId, Sequence[str]]
 Hypotheses = Mapping[ImageId, str]
 
-METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L")
+# "Obj-F1": object-mention F1 (captioner.metrics.objects), not a coco-caption metric; kept short for tables.
+METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "Obj-F1")
 
 
 def preview_ids(ids: Sequence[ImageId], limit: int = 5) -> str:

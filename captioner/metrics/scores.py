@@ -1,4 +1,4 @@
-"""All metrics at once: BLEU-1..4, CIDEr-D and ROUGE-L of captions against their references."""
+"""All metrics at once: BLEU-1..4, CIDEr-D, ROUGE-L and object-mention F1 of captions against their references."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from typing import Any
 from captioner.metrics.bleu import Bleu
 from captioner.metrics.cider import CiderD
 from captioner.metrics.common import Hypotheses, References, prepare_inputs
+from captioner.metrics.objects import object_mention_f1
 from captioner.metrics.rouge import RougeL
 
 
 def compute_scores(references: References, hypotheses: Hypotheses, *, tokenized: bool = False) -> dict:
-    """BLEU-1..4, CIDEr-D and ROUGE-L of `hypotheses` against `references`.
+    """BLEU-1..4, CIDEr-D, ROUGE-L and object-mention F1 of `hypotheses` against `references`.
 
-    Returns {"BLEU-1": float, ..., "BLEU-4", "CIDEr-D", "ROUGE-L", "per_image": {id: {metric: float}}}.
-    BLEU and ROUGE-L are on a 0..1 scale; CIDEr-D on its usual 0..10 scale.
+    Returns {"BLEU-1": float, ..., "BLEU-4", "CIDEr-D", "ROUGE-L", "Obj-F1", "per_image": {id: {metric:
+    float}}}. BLEU, ROUGE-L and Obj-F1 are on a 0..1 scale; CIDEr-D on its usual 0..10 scale.
+    (`metrics.objects.object_mention_f1` gives Obj-F1's precision, recall and counts.)
     """
     if not tokenized:  # tokenise once and share it between the scorers
         ids, refs, hyps = prepare_inputs(references, hypotheses, tokenized=False)
@@ -24,13 +26,16 @@ def compute_scores(references: References, hypotheses: Hypotheses, *, tokenized:
     bleu, bleu_per_image = Bleu(4).compute_score(references, hypotheses, tokenized=True)
     cider, cider_per_image = CiderD().compute_score(references, hypotheses, tokenized=True)
     rouge, rouge_per_image = RougeL().compute_score(references, hypotheses, tokenized=True)
+    objects = object_mention_f1(references, hypotheses, tokenized=True)
 
     scores: dict = {f"BLEU-{k + 1}": float(b) for k, b in enumerate(bleu)}
     scores["CIDEr-D"] = cider
     scores["ROUGE-L"] = rouge
+    scores["Obj-F1"] = objects["f1"]
     scores["per_image"] = {
         image_id: {**{f"BLEU-{k + 1}": b for k, b in enumerate(bleu_per_image[image_id])},
-                   "CIDEr-D": cider_per_image[image_id], "ROUGE-L": rouge_per_image[image_id]}
+                   "CIDEr-D": cider_per_image[image_id], "ROUGE-L": rouge_per_image[image_id],
+                   "Obj-F1": objects["per_image"][image_id]["f1"]}
         for image_id in bleu_per_image
     }
     return scores
