@@ -7,12 +7,17 @@
 #   4. with FINETUNE_EPOCHS > 0 (default 2), fine-tune the CNN together with that decoder on the images
 #      (`captioner finetune`), kept only if an epoch beats the starting model on val CIDEr-D (else its
 #      best.safetensors is that starting model),
-#   5. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/,
-#   6. build a caption memory of the training images for consensus re-ranking (`--memory`), beside the run
+#   5. with TEXT_CORPUS (default ../shared/data/coco-text when it exists; "" skips it) and TEXT_EPOCHS > 0,
+#      teach that model the words and sentences of everyday photos from captions without photos: cache the
+#      features of its own (fine-tuned) CNN, then continue cross-entropy training from it (`--init-from`)
+#      on the Flickr8k pairs plus the text, each caption with a pseudo image vector for the concepts it
+#      names (`captioner train --text-corpus`); the vocabulary grows to the text's words,
+#   6. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/,
+#   7. build a caption memory of the training images for consensus re-ranking (`--memory`), beside the run
 #      (it holds the dataset's captions, so it stays out of checkpoints/); MEMORY=0 skips it.
 # Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR] [extra `captioner train` arguments...]
 # Environment: ENCODER (efficientnet_lite0), FEATURES (cache folder), SCST_EPOCHS (0), SCST_ARGS,
-# FINETUNE_EPOCHS (2), FINETUNE_ARGS, OUT_CHECKPOINT, MEMORY (1).
+# FINETUNE_EPOCHS (2), FINETUNE_ARGS, TEXT_CORPUS, TEXT_EPOCHS (3), TEXT_ARGS, OUT_CHECKPOINT, MEMORY (1).
 # Every stage resumes where it stopped when the script is run again.
 set -euo pipefail
 data=${1:-../shared/data/flickr8k}
@@ -36,6 +41,16 @@ if [ "${FINETUNE_EPOCHS:-2}" -gt 0 ]; then
   captioner finetune "$best" --data "$data" --out "$run-finetune" --resume --epochs "${FINETUNE_EPOCHS:-2}" \
       ${FINETUNE_ARGS:-}
   if [ -f "$run-finetune/best.safetensors" ]; then best="$run-finetune/best.safetensors"; fi
+fi
+text_corpus=${TEXT_CORPUS-$(dirname "$data")/coco-text}
+if [ -z "${TEXT_CORPUS+set}" ] && [ ! -e "$text_corpus" ]; then text_corpus=""; fi  # the default, when absent
+if [ -n "$text_corpus" ] && [ "${TEXT_EPOCHS:-3}" -gt 0 ]; then
+  captioner features --data "$data" --from-checkpoint "$best" --out "$run-features-$short-own"
+  # shellcheck disable=SC2086  # TEXT_ARGS is a list of flags
+  captioner train --init-from "$best" --text-corpus "$text_corpus" --data "$data" \
+      --features "$run-features-$short-own" --out "$run-text" --resume --epochs "${TEXT_EPOCHS:-3}" \
+      ${TEXT_ARGS:-}
+  best="$run-text/best.safetensors"
 fi
 python scripts/export_checkpoint.py "$best" "$out_checkpoint"
 if [ "${MEMORY:-1}" != 0 ]; then
