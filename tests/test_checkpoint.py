@@ -2,8 +2,8 @@
 
 import json
 import os
-import random
 import pickle
+import random
 
 import pytest
 import torch
