@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from captioner.checkpoint import Checkpoint, load_for_inference
+from captioner.concepts import Concept, concept_logits_for
 from captioner.config import DecodeConfig
 from captioner.encoders.registry import Encoder
 from captioner.features.encode import encode_images
@@ -24,7 +25,8 @@ ImageInput = str | Path | bytes | Image.Image
 
 @dataclass
 class CaptionResult:
-    """Captions for one input (best first), or the reason it could not be captioned."""
+    """Captions for one input (best first), or the reason it could not be captioned. Each caption carries
+    the photo's concepts (`Caption.concepts`)."""
 
     source: str
     captions: list[Caption] = field(default_factory=list)
@@ -33,6 +35,11 @@ class CaptionResult:
     @property
     def caption(self) -> str | None:
         return self.captions[0].text if self.captions else None
+
+    @property
+    def concepts(self) -> list[Concept]:
+        """The concepts recognised in the photo that its captions were made to mention (empty: none, or off)."""
+        return self.captions[0].concepts if self.captions else []
 
 
 class Captioner:
@@ -78,15 +85,25 @@ class Captioner:
     def decode_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
         return replace(config or DecodeConfig(), **overrides)
 
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        """ImageNet logits of this captioner's CNN features, from the CNN's own classifier (None: it has none)."""
+        return concept_logits_for(self.encoder, features.to(self.device))
+
     def caption_features(self, features: torch.Tensor, config: DecodeConfig) -> list[list[Caption]]:
-        """Captions for CNN features; with a caption memory, beam search is re-ranked (other strategies not)."""
+        """Captions for features of this captioner's CNN; with a caption memory, beam search is re-ranked
+        (other strategies not). Unless `config.concept_threshold` is None, the CNN's classifier names the
+        photos' concepts, which every caption carries and beam search is made to mention."""
         reranker = self.reranker if config.strategy == "beam" else None
-        return decode_features(self.checkpoint.model, self.vocab, features.to(self.device), config, reranker=reranker)
+        features = features.to(self.device)
+        logits = None if config.concept_threshold is None else self.concept_logits(features)
+        return decode_features(self.checkpoint.model, self.vocab, features, config, reranker=reranker,
+                               concept_logits=logits)
 
     def caption(self, images: ImageInput | list[ImageInput], config: DecodeConfig | None = None,
                 batch_size: int = 32, **overrides: Any) -> list[CaptionResult]:
         """Caption PIL images, paths or encoded bytes. Options are DecodeConfig fields, e.g.
-        `strategy="beam", beam_size=3, n_best=1`. An unreadable image gets a result with `.error`."""
+        `strategy="beam", beam_size=3, n_best=1`, or `concept_threshold=None` for captions without concepts.
+        An unreadable image gets a result with `.error`."""
         if not isinstance(images, list):
             images = [images]
         config = self.decode_config(config, **overrides)

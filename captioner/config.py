@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+# Constraints per image in constrained beam search: its states are the subsets of the constraints, so each
+# more doubles the beams (captioner.constrained).
+MAX_CONSTRAINTS = 2
 
 class Options:
     """Base of the settings a door builds: from optional values, where None means the default (so a door
@@ -55,6 +58,13 @@ class DecodeConfig(Options):
     top_p: float = 1.0  # 1.0: no nucleus filter
     no_repeat_ngram_size: int = 0  # 0: allow repeats
     seed: int | None = None
+    # Concepts from the CNN's ImageNet classifier (captioner.concepts) with p >= this threshold, at most
+    # `max_constraints` of them that the vocabulary can say, are reported with each caption; beam search is
+    # made to mention them (constrained beam search). None: concepts off, plain decoding. Used only where the
+    # door passes the ImageNet logits (`decode_features(concept_logits=)`); a provisional default, to be
+    # tuned on coco-dev and Flickr8k val.
+    concept_threshold: float | None = 0.3
+    max_constraints: int = MAX_CONSTRAINTS
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "sample", "beam"):
@@ -69,6 +79,15 @@ class DecodeConfig(Options):
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             raise ValueError("top_k and no_repeat_ngram_size must be >= 0")
+        threshold = self.concept_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0.0 <= threshold <= 1.0):
+            raise ValueError(f"concept_threshold must be a probability in [0, 1], or None (concepts off); "
+                             f"got {threshold!r}")
+        if (isinstance(self.max_constraints, bool) or not isinstance(self.max_constraints, int)
+                or not 0 <= self.max_constraints <= MAX_CONSTRAINTS):
+            raise ValueError(f"max_constraints must be an integer from 0 to {MAX_CONSTRAINTS}, "
+                             f"got {self.max_constraints!r}")
 
 
 @dataclass(frozen=True)

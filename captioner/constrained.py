@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from captioner.config import DecodeConfig
+from captioner.config import MAX_CONSTRAINTS, DecodeConfig
 from captioner.decoding import (
     Hypothesis,
     HypothesisPool,
@@ -41,7 +41,6 @@ from captioner.decoding import (
     suppress_tensor,
 )
 
-MAX_CONSTRAINTS = 2
 Constraint = Sequence[int]  # token ids, any one of which meets the constraint
 _NEG_INF = float("-inf")
 

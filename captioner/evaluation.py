@@ -8,6 +8,10 @@ and the out folder receives:
   predictions.json   COCO results format [{"image_id", "caption"}], scorable by the official toolkit
   report.html        the best and worst images by per-image CIDEr-D, with captions and references
 
+With concepts on (the default DecodeConfig), the captions use the concepts the checkpoint's CNN recognises
+(its ImageNet classifier applied to the features, cached or computed), and the split is decoded a second
+time with concepts off, so the report and the printed table show both.
+
 `validate` is the same real decoding and scoring on val features, as the trainer calls it after every
 epoch (never teacher-forced), split over the ranks under torchrun.
 """
@@ -18,15 +22,23 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from captioner import distributed
+from captioner.checkpoint import Checkpoint
+from captioner.concepts import concept_logits_for
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
+from captioner.encoders.registry import (
+    DEFAULT_ENCODER,
+    EncoderUnavailableError,
+    check_weights_hash,
+    get_encoder,
+)
 from captioner.ensemble import load_decoder
 from captioner.features.records import record_features
 from captioner.images import DEFAULT_MAX_PIXELS
@@ -75,6 +87,22 @@ def join_member_features(records: list[CaptionRecord],
         columns.append(features[[row[r.image_id] for r in records if r.image_id in common]])
     problems = sorted({problem for _, _, member_problems in per_member for problem in member_problems})
     return [r for r in records if r.image_id in common], torch.cat(columns, dim=1), problems
+
+
+def checkpoint_concept_logits(checkpoint: Checkpoint, features: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """(ImageNet logits (N, 1000) of the checkpoint's CNN features from that CNN's own classifier, "") or
+    (None, why not): the CNN cannot be built here, or has no ImageNet classifier. Works on cached features:
+    only the classifier runs."""
+    entry = checkpoint.encoder
+    try:
+        # unfused: only the classifier is used, so folding BatchNorm (and checking the fold) would be wasted
+        encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=checkpoint.encoder_state,
+                              fuse_batchnorm=False)
+        check_weights_hash(encoder, entry.get("weights_hash"), str(checkpoint.path))
+    except (EncoderUnavailableError, ValueError) as error:
+        return None, f"the checkpoint's CNN could not be built for its ImageNet classifier ({error})"
+    logits = concept_logits_for(encoder, features)
+    return logits, "" if logits is not None else f"{encoder.name} has no ImageNet classifier"
 
 
 def build_memory(dataset: Any, split: str, checkpoint: Any, features_dirs: list[str | Path], batch_size: int,
@@ -129,8 +157,16 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
             memory = build_memory(dataset, "train", checkpoint, features_dirs, batch_size, device_, max_pixels)
         reranker = reranker_for(memory, checkpoint.encoder, str(checkpoint.path), rerank)
         reranker.memory.check_disjoint([r.image_id for r in records], split)
+    concept_logits, concepts_off = None, "off (concept_threshold None)"
+    if config.concept_threshold is not None:
+        # an ensemble's concepts come from its first member's CNN, whose features come first
+        concept_logits, concepts_off = checkpoint_concept_logits(
+            checkpoint, features[:, :checkpoint.model.config.feature_dim])
+        if concept_logits is None:
+            print(f"warning: concepts off: {concepts_off}")
     decode_start = time.perf_counter()
-    captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250, reranker=reranker)
+    captions = decode_features(model, checkpoint.vocab, features, config, batch_size=250, reranker=reranker,
+                               concept_logits=concept_logits)
     decode_seconds = time.perf_counter() - decode_start
     references, hypotheses = captions_by_image(records, captions)
     scores = compute_scores(references, hypotheses)
@@ -139,11 +175,32 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     label = f"beam {config.beam_size}" if config.strategy == "beam" else config.strategy
     if reranker is not None:
         label = f"beam {reranker.config.candidates} + consensus re-ranking"
+    rows = {label: corpus}
+    concepts_report: dict[str, Any] = {"used": False, "why_not": concepts_off}
+    if concept_logits is not None:
+        with_concepts = [c[0].concepts if c else [] for c in captions]
+        constrained = [c[0].constraints_met for c in captions if c and c[0].constraints_met is not None]
+        concepts_report = {"used": True, "threshold": config.concept_threshold,
+                           "max_constraints": config.max_constraints,
+                           "images_with_concepts": sum(bool(c) for c in with_concepts),
+                           "concepts": sum(len(c) for c in with_concepts),
+                           "images_constrained": len(constrained), "constraints_met": sum(constrained)}
+        if constrained:  # only constrained beam search changes captions; otherwise the second decode is the same
+            off_start = time.perf_counter()
+            off_captions = decode_features(model, checkpoint.vocab, features, replace(config, concept_threshold=None),
+                                           batch_size=250, reranker=reranker)
+            concepts_report["decoding_seconds_concepts_off"] = round(time.perf_counter() - off_start, 2)
+            off_scores = compute_scores(references, captions_by_image(records, off_captions)[1])
+            concepts_report["scores_concepts_off"] = {m: off_scores[m] for m in METRIC_NAMES}
+        else:
+            concepts_report["scores_concepts_off"] = dict(corpus)
+        rows = {f"{label}, concepts p>={config.concept_threshold:g}": corpus,
+                f"{label}, concepts off": concepts_report["scores_concepts_off"]}
     report = {
         "split": split, "images": len(records), "skipped_images": problems, "scores": corpus,
         "nltk_bleu": {"label": NLTK_BLEU_LABEL, "tokenisation": TOKENISATION, "smoothing": "none",
                       "scores": tutorial_bleu},
-        "decoding": asdict(config), "checkpoint": str(checkpoint.path),
+        "decoding": asdict(config), "concepts": concepts_report, "checkpoint": str(checkpoint.path),
         **({"rerank": {**asdict(reranker.config), "memory_images": len(reranker.memory)}} if reranker else {}),
         "checkpoint_sha256": file_fingerprint(checkpoint.path), "data": getattr(dataset, "source", None),
         "data_fingerprint": dataset.fingerprint(), "encoder": checkpoint.encoder,
@@ -155,7 +212,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
     if not quiet:
         name = str(checkpoint.path) if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)} checkpoints"
         print(f"{name} on {split} ({len(records)} images), {label}:")
-        print(format_table({label: corpus, NLTK_BLEU_LABEL: tutorial_bleu}))
+        print(format_table({**rows, NLTK_BLEU_LABEL: tutorial_bleu}))
     if coco_eval:
         report["coco_eval"] = run_coco_eval(references, hypotheses)
     if out_dir is not None:
@@ -170,9 +227,13 @@ def evaluate_checkpoint(checkpoint_path: str | Path | list[str | Path], dataset:
             items = [{"image_id": r.image_id, "image_path": r.image_path, "caption": c[0].text,
                       "references": r.captions, "cider": per_image[r.image_id]["CIDEr-D"]}
                      for r, c in zip(records, captions, strict=True)]
+            notes = {f"{NLTK_BLEU_LABEL}, BLEU-1..4 ×100": " / ".join(
+                f"{value * 100:.1f}" for value in tutorial_bleu.values())}
+            if concept_logits is not None:
+                notes[f"concepts (p ≥ {config.concept_threshold:g}) off, ×100"] = "  ".join(
+                    f"{m} {v * 100:.1f}" for m, v in concepts_report["scores_concepts_off"].items())
             write_html_report(out / "report.html", items, title=f"{Path(checkpoint.path).name} on {split}",
-                              scores=corpus, notes={f"{NLTK_BLEU_LABEL}, BLEU-1..4 ×100": " / ".join(
-                                  f"{value * 100:.1f}" for value in tutorial_bleu.values())})
+                              scores=corpus, notes=notes)
         if not quiet:
             print(f"wrote {out}/report.json, predictions.json" + (", report.html" if html else ""))
     return report

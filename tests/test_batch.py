@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from helpers import REPO_ROOT
 
 from captioner.apps.batch import ResultWriter, expand_inputs
 from captioner.apps.cli import main
@@ -140,3 +141,48 @@ def test_decoding_in_groups_changes_nothing_but_when_rows_are_written(tiny_run, 
     assert outputs[0] == outputs[1] == outputs[2]
     rows = [json.loads(line) for line in outputs[0].splitlines()]
     assert len(rows) == 6 and sum(row["error"] is None for row in rows) == 3
+
+
+# --------------------------------------------------------------------------------------------- concepts
+def _concept_args(*flags: str):
+    from captioner.apps.cli import build_parser
+    from captioner.apps.commands import decode_config
+
+    return decode_config(build_parser().parse_args(["caption", "photo.jpg", *flags]))
+
+
+def test_concept_flags_map_to_the_decode_config():
+    from captioner.config import DecodeConfig
+
+    assert _concept_args().concept_threshold == DecodeConfig().concept_threshold
+    assert _concept_args("--concepts", "off").concept_threshold is None
+    config = _concept_args("--concept-threshold", "0.55", "--max-constraints", "1")
+    assert (config.concept_threshold, config.max_constraints) == (0.55, 1)
+    with pytest.raises(ValueError, match="does not go with --concepts off"):
+        _concept_args("--concepts", "off", "--concept-threshold", "0.5")
+    with pytest.raises(ValueError, match="max_constraints"):
+        _concept_args("--max-constraints", "3")
+
+
+@pytest.mark.slow
+def test_caption_rows_carry_the_concepts_unless_off(toy_checkpoint, tmp_path, capsys, one_torch_thread):
+    cat = REPO_ROOT / "demo" / "examples" / "cat.jpg"
+    rows = {}
+    for concepts in ("on", "off"):
+        output = tmp_path / f"concepts-{concepts}.jsonl"
+        assert main(["caption", str(cat), "--checkpoint", str(toy_checkpoint), "--output", str(output),
+                     "--n-best", "2", "--concepts", concepts]) == 0
+        rows[concepts] = json.loads(output.read_text())
+    assert [c["word"] for c in rows["on"]["concepts"]] == ["cat"]
+    p = rows["on"]["concepts"][0]["p"]
+    assert 0.3 <= p <= 1 and p == round(p, 3)
+    assert all("cat" in c["text"].split() and c["constraints_met"] is True for c in rows["on"]["captions"])
+    assert rows["off"]["concepts"] == [] and all("constraints_met" not in c for c in rows["off"]["captions"])
+    assert rows["off"]["caption"] != rows["on"]["caption"]
+    # CSV keeps its columns
+    output = tmp_path / "concepts.csv"
+    assert main(["caption", str(cat), "--checkpoint", str(toy_checkpoint), "--output", str(output)]) == 0
+    assert list(csv.DictReader(output.open()))[0]["caption"] == rows["on"]["caption"]
+    assert main(["caption", str(cat), "--checkpoint", str(toy_checkpoint), "--concepts", "off",
+                 "--concept-threshold", "0.4"]) == 2
+    assert "does not go with --concepts off" in capsys.readouterr().err

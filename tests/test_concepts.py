@@ -12,6 +12,7 @@ from captioner.concepts import (
     Concept,
     ConceptDetector,
     concept_forms,
+    concept_logits_for,
     concept_token_ids,
     constraint_concepts,
     imagenet_head,
@@ -129,3 +130,22 @@ def test_imagenet_head_on_features_is_the_classifier():
     with torch.inference_mode():
         from_features = head(encoder(pixels))
     torch.testing.assert_close(from_features, encoder.classify(pixels), rtol=1e-4, atol=1e-4)
+
+
+class _FakeEncoder:
+    """What concept_logits_for reads of an `Encoder`: its model, feature size and weights hash."""
+
+    def __init__(self, model: torch.nn.Module, weights_hash: str = "abc", feature_dim: int = 8):
+        self.model, self.weights_hash, self.feature_dim = model, weights_hash, feature_dim
+
+
+def test_concept_logits_come_from_the_encoders_classifier_or_are_off():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, NUM_CLASSES)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), head)
+    features = torch.randn(5, 8)
+    logits = concept_logits_for(_FakeEncoder(model), features)
+    torch.testing.assert_close(logits, head(features).detach())
+    # random weights: classes that mean nothing, so no concepts; no 1000-class head: none either
+    assert concept_logits_for(_FakeEncoder(model, weights_hash="random-1234"), features) is None
+    assert concept_logits_for(_FakeEncoder(torch.nn.Sequential(torch.nn.Linear(8, 10))), features) is None

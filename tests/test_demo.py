@@ -190,6 +190,7 @@ def test_app_door_passes_its_arguments_to_launch(monkeypatch):
     door = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(door)
     from captioner.apps.cli import main
+    from captioner.config import DecodeConfig
     from captioner.images import DEFAULT_MAX_PIXELS
     from captioner.rerank import RerankConfig
 
@@ -198,13 +199,37 @@ def test_app_door_passes_its_arguments_to_launch(monkeypatch):
                       "--rerank-candidates", "8"]) == 0
     assert door.main([]) == 0
     limit = DEFAULT_MAX_PIXELS
+    concepts = {"concept_threshold": DecodeConfig().concept_threshold, "max_constraints": DecodeConfig().max_constraints}
     assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False, "memory": "m.safetensors",
-                                            "rerank": RerankConfig(candidates=8), "max_pixels": limit}),
+                                            "rerank": RerankConfig(candidates=8), "max_pixels": limit, **concepts}),
                      ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None, "rerank": None,
-                                "max_pixels": limit})]
+                                "max_pixels": limit, **concepts})]
     calls.clear()
     assert main(["demo", "--checkpoint", "ck.safetensors", "--memory", "m.safetensors", "--rerank-candidates", "8"]) == 0
     assert calls[0][1]["memory"] == "m.safetensors" and calls[0][1]["rerank"] == RerankConfig(candidates=8)
+    calls.clear()
+    assert door.main(["--concepts", "off"]) == 0 and calls[0][1]["concept_threshold"] is None
+    assert main(["demo", "--concept-threshold", "0.6", "--max-constraints", "1"]) == 0
+    assert (calls[1][1]["concept_threshold"], calls[1][1]["max_constraints"]) == (0.6, 1)
+
+
+def test_the_answer_shows_the_recognised_concepts_unless_off(captioner):
+    cat = EXAMPLES_DIR / "cat.jpg"
+    markdown, rows = predict(captioner, str(cat), strategy="beam", n_best=2)
+    concepts = next(line for line in markdown.splitlines() if line.startswith("Recognised:"))
+    assert "**cat** 0." in concepts and "made to name them" in concepts  # word, probability, what was done
+    assert all("cat" in row[1].split() for row in rows)
+    greedy, _ = predict(captioner, str(cat), strategy="greedy", n_best=1)
+    assert "**cat** 0." in greedy and "only beam search" in greedy
+    off_markdown, off_rows = predict(captioner, str(cat), strategy="beam", n_best=2, concept_threshold=None)
+    assert "Recognised" not in off_markdown and off_rows != rows
+    # the demo's batched handler gives every visitor the server's concept setting
+    assert BatchedPredictor(captioner, concept_threshold=None)(str(cat), "beam", 3, 1.0, 0, 2) == (off_markdown,
+                                                                                                 off_rows)
+    assert BatchedPredictor(captioner)(str(cat), "beam", 3, 1.0, 0, 2) == (markdown, rows)
+    # a photo with no confident concept says so
+    none_markdown, _ = predict(captioner, str(cat), strategy="beam", concept_threshold=1.0)
+    assert "Recognised: nothing" in none_markdown.replace("\\", "")
 
 
 # ------------------------------------------------------------------------------------ in a browser
@@ -278,6 +303,7 @@ def test_demo_in_a_real_browser(page_captioner, example, tmp_path, monkeypatch):
                 caption = heading.inner_text().strip()
                 assert caption, "the page shows an empty caption"
                 expect(page.locator("#nbest")).to_contain_text(caption.lower(), timeout=5_000)
+                expect(page.locator("#best-caption")).to_contain_text("Recognised", timeout=5_000)  # concepts
                 png = page.screenshot(full_page=True)
 
                 # A fresh page: sampling shows its own controls; a text file gets a message, not a trace.

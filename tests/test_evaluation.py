@@ -83,3 +83,46 @@ def test_evaluate_reads_coco_dev_as_it_is(coco_dev_dir, toy_checkpoint, tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["split"] == "test" and report["images"] == 100 and not report["skipped_images"]
     assert 0 <= report["scores"]["Obj-F1"] <= 1 and "Obj-F1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_evaluate_reports_with_and_without_concepts(tiny_run, tmp_path, capsys, use_cache):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
+            "--images", str(tiny_run["images"]), "--split", "test", "--out", str(out), "--no-html",
+            "--concept-threshold", "0.2"]
+    if use_cache:  # the classifier still runs, on the cached features
+        args += ["--features", str(tiny_run["features"])]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "beam 3, concepts p>=0.2" in printed and "beam 3, concepts off" in printed
+    report = json.loads((out / "report.json").read_text())
+    concepts = report["concepts"]
+    assert concepts["used"] and concepts["threshold"] == 0.2 and report["decoding"]["concept_threshold"] == 0.2
+    assert set(concepts["scores_concepts_off"]) == set(METRIC_NAMES)
+    # Flickr8k test photos: the CNN recognises dogs and more, and the tiny model's vocabulary says "dog"
+    assert concepts["images_with_concepts"] > 0 and concepts["images_constrained"] > 0
+    assert 0 <= concepts["constraints_met"] <= concepts["images_constrained"]
+
+    off = tmp_path / "off"
+    assert main([*args[:args.index("--out")], "--out", str(off), "--no-html", "--concepts", "off",
+                 *(["--features", str(tiny_run["features"])] if use_cache else [])]) == 0
+    printed = capsys.readouterr().out
+    assert "concepts off" not in printed
+    off_report = json.loads((off / "report.json").read_text())
+    assert off_report["concepts"]["used"] is False and off_report["decoding"]["concept_threshold"] is None
+    # the "concepts off" row of the first report is exactly this plain evaluation
+    assert off_report["scores"] == concepts["scores_concepts_off"]
+
+
+def test_concepts_are_off_when_the_checkpoints_cnn_cannot_be_built():
+    from types import SimpleNamespace
+
+    import torch
+
+    from captioner.evaluation import checkpoint_concept_logits
+
+    checkpoint = SimpleNamespace(encoder={"encoder": "no-such-cnn"}, encoder_state=None, path="ck.safetensors")
+    logits, why = checkpoint_concept_logits(checkpoint, torch.zeros(2, 8))
+    assert logits is None and "no-such-cnn" in why

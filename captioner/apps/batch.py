@@ -165,10 +165,15 @@ def _csv_rows(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def result_row(image: str, captions: list | None = None, error: str | None = None) -> dict[str, Any]:
-    captions = [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4),
-                 **({"consensus": round(c.consensus, 4)} if getattr(c, "consensus", None) is not None else {})}
-                for c in captions or []]
-    return {"image": image, "caption": captions[0]["text"] if captions else None, "captions": captions,
+    """One image's JSON row: its captions (best first) and the concepts they were made to mention (the best
+    caption's; `[]` when concepts are off or none was confident), or the error."""
+    captions = captions or []
+    concepts = [{"word": c.word, "p": round(c.p, 3)} for c in getattr(captions[0], "concepts", [])] if captions else []
+    rows = [{"text": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4),
+             **({"consensus": round(c.consensus, 4)} if getattr(c, "consensus", None) is not None else {}),
+             **({"constraints_met": c.constraints_met} if getattr(c, "constraints_met", None) is not None else {})}
+            for c in captions]
+    return {"image": image, "caption": rows[0]["text"] if rows else None, "captions": rows, "concepts": concepts,
             "error": error}
 
 

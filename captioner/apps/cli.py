@@ -12,6 +12,7 @@ import sys
 
 from captioner.apps import commands
 from captioner.config import (
+    MAX_CONSTRAINTS,
     DecodeConfig,
     FinetuneConfig,
     ModelConfig,
@@ -35,6 +36,19 @@ def add_decode_arguments(parser: argparse.ArgumentParser, strategy: str = "beam"
     group.add_argument("--top-p", type=float, default=defaults.top_p)
     group.add_argument("--no-repeat-ngram", type=int, default=0, dest="no_repeat_ngram_size")
     group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_concept_arguments(parser)
+
+
+def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("concepts (what the CNN's ImageNet classifier recognises)")
+    defaults = DecodeConfig()
+    group.add_argument("--concepts", choices=["on", "off"], default="on",
+                       help="on: report each photo's confident concepts and make beam search mention them; "
+                            "off: plain decoding")
+    group.add_argument("--concept-threshold", type=float, default=None, metavar="P",
+                       help=f"the least probability of a concept used (default {defaults.concept_threshold})")
+    group.add_argument("--max-constraints", type=int, default=None, metavar="N",
+                       help=f"the most concepts per photo (0-{MAX_CONSTRAINTS}, default {defaults.max_constraints})")
 
 
 def add_rerank_arguments(parser: argparse.ArgumentParser, memory_help: str) -> None:
@@ -232,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     add_image_arguments(p)
+    add_concept_arguments(p)
     add_rerank_arguments(p, "a caption memory (`captioner memory`): beam search re-ranks its candidates by consensus")
     p.set_defaults(func=commands.cmd_demo)
 

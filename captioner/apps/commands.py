@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from captioner.config import (
     DecodeConfig,
@@ -24,7 +25,13 @@ def rerank_config(args: argparse.Namespace) -> RerankConfig | None:
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:
-    return DecodeConfig.from_flags(vars(args))
+    """The DecodeConfig of a command's flags; `--concepts off` sets concept_threshold to None."""
+    config = DecodeConfig.from_flags(vars(args))
+    if getattr(args, "concepts", "on") == "off":
+        if getattr(args, "concept_threshold", None) is not None:
+            raise ValueError("--concept-threshold chooses the concepts used; it does not go with --concepts off")
+        config = replace(config, concept_threshold=None)
+    return config
 
 
 
@@ -157,8 +164,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.apps.demo import launch
 
+    concepts = decode_config(args)  # the demo's other decoding settings are the visitor's
     launch(args.checkpoint, host=args.host, port=args.port, share=args.share,
-           memory=args.memory, rerank=rerank_config(args), max_pixels=args.max_pixels)
+           memory=args.memory, rerank=rerank_config(args), max_pixels=args.max_pixels,
+           concept_threshold=concepts.concept_threshold, max_constraints=concepts.max_constraints)
     return 0
 
 

@@ -1,4 +1,6 @@
-"""The Gradio web demo: upload a photo, pick a decoding strategy, read the captions.
+"""The Gradio web demo: upload a photo, pick a decoding strategy, read the captions and the concepts the
+CNN's ImageNet classifier recognised in the photo (with their probabilities), which beam search is made to
+name (`captioner demo --concepts off`: plain captions).
 
 `predict` is a plain function (file path + settings -> caption Markdown + n-best rows), so it is
 tested without a browser; `predict_batch` serves several visitors with one CNN batch and one decoder
@@ -57,6 +59,9 @@ LIMITS = (f"The demo takes JPEG, PNG, WebP, … photos up to {MAX_UPLOAD_BYTES /
 READY = "Press **Caption** to describe this photo."
 
 Row = list[Any]  # one n-best table row: rank, caption, log-prob, score
+# The concept settings every visitor gets (`captioner demo --concepts off`, `--concept-threshold`).
+CONCEPT_THRESHOLD = DecodeConfig().concept_threshold
+MAX_CONSTRAINTS = DecodeConfig().max_constraints
 
 
 def _escape_markdown(text: str) -> str:
@@ -95,7 +100,8 @@ def _load(image_path: str | os.PathLike, name: str, draft_size: int | None = Non
 
 
 def decode_settings(strategy: str, beam_size: int, temperature: float, seed: float | None,
-                    n_best: int) -> tuple[DecodeConfig, str]:
+                    n_best: int, concept_threshold: float | None = CONCEPT_THRESHOLD,
+                    max_constraints: int = MAX_CONSTRAINTS) -> tuple[DecodeConfig, str]:
     """The DecodeConfig the demo's controls ask for, and a note when a setting had to be adjusted."""
     beam_size, n_best = max(1, int(beam_size)), max(1, min(int(n_best), MAX_N_BEST))
     note = ""
@@ -105,7 +111,8 @@ def decode_settings(strategy: str, beam_size: int, temperature: float, seed: flo
         n_best, note = beam_size, f"Beam search keeps {beam_size} beams, so it returns at most {beam_size} captions."
     seed_value = None if seed is None or seed == "" else int(seed)
     config = DecodeConfig(strategy=strategy, beam_size=beam_size, n_best=n_best,
-                          temperature=float(temperature), seed=seed_value)
+                          temperature=float(temperature), seed=seed_value, concept_threshold=concept_threshold,
+                          max_constraints=max_constraints)
     return config, note
 
 
@@ -132,15 +139,19 @@ class CaptionRequest:
     temperature: float = 1.0
     seed: float | None = 0
     n_best: int = 3
+    concept_threshold: float | None = CONCEPT_THRESHOLD  # the server's setting, not a visitor's
+    max_constraints: int = MAX_CONSTRAINTS
 
 
 def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy: str = "beam",
             beam_size: int = 3, temperature: float = 1.0, seed: float | None = 0,
-            n_best: int = 3) -> tuple[str, list[Row]]:
-    """Caption one uploaded file. Returns (Markdown: the best caption as a heading, or a friendly
-    message when the file cannot be used; n-best rows [rank, caption, log-prob, score], best first).
-    Never raises for a bad upload or bad settings."""
-    return predict_batch(captioner, [CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best)])[0]
+            n_best: int = 3, concept_threshold: float | None = CONCEPT_THRESHOLD,
+            max_constraints: int = MAX_CONSTRAINTS) -> tuple[str, list[Row]]:
+    """Caption one uploaded file. Returns (Markdown: the best caption as a heading, the concepts recognised
+    in the photo with their probabilities, or a friendly message when the file cannot be used; n-best rows
+    [rank, caption, log-prob, score], best first). Never raises for a bad upload or bad settings."""
+    return predict_batch(captioner, [CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best,
+                                                    concept_threshold, max_constraints)])[0]
 
 
 def predict_batch(captioner: Captioner, requests: list[CaptionRequest]) -> list[tuple[str, list[Row]]]:
@@ -156,7 +167,7 @@ def predict_batch(captioner: Captioner, requests: list[CaptionRequest]) -> list[
             continue
         try:
             config, note = decode_settings(request.strategy, request.beam_size, request.temperature, request.seed,
-                                           request.n_best)
+                                           request.n_best, request.concept_threshold, request.max_constraints)
         except ValueError as error:
             answers[index] = _message("Those settings do not work together", _escape_markdown(str(error))), []
             continue
@@ -212,6 +223,9 @@ def _answer(captioner: Captioner, config: DecodeConfig, note: str, captions: lis
     if not best.finished:
         details.append(f"cut off at {config.max_length} words")
     markdown = f"## {_escape_markdown(heading)}\n\n*{_escape_markdown(' · '.join(details))}*"
+    concepts = _concepts_line(config, best)
+    if concepts:
+        markdown += f"\n\n{concepts}"
     if note:
         markdown += f"\n\n{_escape_markdown(note)}"
     rows = [[rank, caption.text + ("" if caption.finished else " …"), round(caption.log_prob, 3),
@@ -219,19 +233,39 @@ def _answer(captioner: Captioner, config: DecodeConfig, note: str, captions: lis
     return markdown, rows
 
 
+def _concepts_line(config: DecodeConfig, best: Caption) -> str:
+    """Markdown naming the concepts the CNN recognised, with their probabilities, and what the caption did
+    with them; empty when concepts are off."""
+    if config.concept_threshold is None:
+        return ""
+    if not best.concepts:
+        return f"Recognised: nothing the captioner can name with p ≥ {config.concept_threshold:g}"
+    words = " · ".join(f"**{_escape_markdown(c.word)}** {c.p:.2f}" for c in best.concepts)
+    if best.constraints_met is False:
+        outcome = "no caption naming them was found; this is the plain one"
+    elif best.constraints_met:
+        outcome = "the caption was made to name them"
+    else:
+        outcome = "only beam search is made to name them"
+    return f"Recognised: {words} ({_escape_markdown(outcome)})"
+
+
 class BatchedPredictor:
     """The demo's **Caption** handler: Gradio calls it from one thread per visitor; a RequestBatcher answers
     the simultaneous ones with `predict_batch`, and tells visitors beyond `max_pending` the demo is busy."""
 
     def __init__(self, captioner: Captioner, max_batch_size: int = MAX_BATCH_SIZE, max_pending: int = MAX_PENDING,
-                 gather_seconds: float = GATHER_SECONDS):
+                 gather_seconds: float = GATHER_SECONDS, concept_threshold: float | None = CONCEPT_THRESHOLD,
+                 max_constraints: int = MAX_CONSTRAINTS):
         self.batcher = RequestBatcher(lambda requests: predict_batch(captioner, requests), max_batch_size,
                                       max_pending, gather_seconds)
+        self.concept_threshold, self.max_constraints = concept_threshold, max_constraints
 
     def __call__(self, image_path: str | os.PathLike | None, strategy: str = "beam", beam_size: int = 3,
                  temperature: float = 1.0, seed: float | None = 0, n_best: int = 3) -> tuple[str, list[Row]]:
         try:
-            return self.batcher.submit(CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best))
+            return self.batcher.submit(CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best,
+                                                      self.concept_threshold, self.max_constraints))
         except Busy as busy:
             waiting = f"{busy.pending} photo{'s' if busy.pending != 1 else ''}"
             return _message("The demo is busy", f"{waiting} ahead of yours are being captioned. "
@@ -261,12 +295,15 @@ def example_paths(examples_dir: str | Path | None = EXAMPLES_DIR) -> list[Path]:
 
 
 def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR,
-              predictor: BatchedPredictor | None = None) -> gr.Blocks:
+              predictor: BatchedPredictor | None = None, concept_threshold: float | None = CONCEPT_THRESHOLD,
+              max_constraints: int = MAX_CONSTRAINTS) -> gr.Blocks:
     """The demo page for an already loaded Captioner, with Gradio's queue set up. `predictor`: the Caption
-    button's handler (default: a BatchedPredictor with the demo's settings; pass one to watch its batches)."""
+    button's handler (default: a BatchedPredictor with the demo's settings and these concept settings; pass
+    one to watch its batches)."""
     import gradio as gr
 
-    caption_upload = predictor or BatchedPredictor(captioner)
+    caption_upload = predictor or BatchedPredictor(captioner, concept_threshold=concept_threshold,
+                                                   max_constraints=max_constraints)
 
     def show_preview(image_path):
         return preview(image_path, max_pixels=captioner.max_pixels)
@@ -332,13 +369,17 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool
 
 def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None,
-           max_pixels: int = MAX_PIXELS) -> None:
+           max_pixels: int = MAX_PIXELS, concept_threshold: float | None = CONCEPT_THRESHOLD,
+           max_constraints: int = MAX_CONSTRAINTS) -> None:
     """Load the checkpoint once (with a caption memory for consensus re-ranking, when given), then serve
-    the demo until interrupted."""
+    the demo until interrupted. `concept_threshold`, `max_constraints`: the concepts every caption uses
+    (None: concepts off)."""
     import torch
 
     # One batcher thread runs the CNN and the decoder for everybody: it may use every core.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank,
                                           max_pixels=max_pixels)
-    serve(build_app(captioner), host=host, port=port, share=share)
+    DecodeConfig(concept_threshold=concept_threshold, max_constraints=max_constraints)  # refuse bad ones now
+    serve(build_app(captioner, concept_threshold=concept_threshold, max_constraints=max_constraints),
+          host=host, port=port, share=share)

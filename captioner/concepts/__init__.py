@@ -14,6 +14,8 @@ A concept's probability is the summed softmax probability of the classes that ma
 several words contributes its probability to each). `ConceptDetector` turns ImageNet logits into concepts;
 `constraint_concepts` picks the few confident concepts a caption should be made to mention, and
 `concept_token_ids` their forms that a vocabulary knows (for constrained beam search).
+`concept_logits_for` gives a door the ImageNet logits of the features it already has, from its CNN's own
+classifier (None when the CNN has none worth asking: then concepts are off).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from captioner.encoders.registry import Encoder
 
 NUM_CLASSES = 1000
 WORD_MAP_FILE = "imagenet_words.tsv"
@@ -195,3 +201,17 @@ def imagenet_head(model: torch.nn.Module, feature_dim: int) -> torch.nn.Linear:
         raise ValueError(f"{type(model).__name__}: expected one Linear({feature_dim} -> {NUM_CLASSES}) ImageNet "
                          f"head, found {len(heads)}")
     return heads[0]
+
+
+def concept_logits_for(encoder: Encoder, features: Tensor) -> Tensor | None:
+    """ImageNet logits (N, 1000) for pooled features (N, feature_dim) that `encoder` made, from its own
+    classifier (`imagenet_head`); None when it has no such head, or its weights are random (a test or smoke
+    encoder: its classes mean nothing), so that concepts are simply off for it."""
+    if encoder.weights_hash.startswith("random"):
+        return None
+    try:
+        head = imagenet_head(encoder.model, encoder.feature_dim)
+    except ValueError:
+        return None
+    with torch.inference_mode():
+        return head(features.to(device=head.weight.device, dtype=head.weight.dtype))
