@@ -201,7 +201,7 @@ def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Te
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/flickr8k-lite0")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/flickr8k-cocotext-lite0")
     parser.add_argument("--coco-dev", type=Path, default=SHARED / "coco-dev")
     parser.add_argument("--flickr8k", type=Path, default=SHARED / "flickr8k")
     parser.add_argument("--flickr-val", type=int, default=100, help="how many Flickr8k val photos (first N; 0: none)")

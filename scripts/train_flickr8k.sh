@@ -12,7 +12,8 @@
 #      features of its own (fine-tuned) CNN, then continue cross-entropy training from it (`--init-from`)
 #      on the Flickr8k pairs plus the text, each caption with a pseudo image vector for the concepts it
 #      names (`captioner train --text-corpus`); the vocabulary grows to the text's words,
-#   6. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-<encoder>/,
+#   6. copy the best checkpoint (fp16 weights, with its CNN when fine-tuned) into checkpoints/flickr8k-cocotext-<encoder>/
+#      (checkpoints/flickr8k-<encoder>/ without the text stage),
 #   7. build a caption memory of the training images for consensus re-ranking (`--memory`), beside the run
 #      (it holds the dataset's captions, so it stays out of checkpoints/); MEMORY=0 skips it.
 # Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR] [extra `captioner train` arguments...]
@@ -25,7 +26,6 @@ run=${2:-runs/flickr8k-lite0}
 encoder=${ENCODER:-efficientnet_lite0}
 short=${encoder#efficientnet_}
 features=${FEATURES:-runs/features-flickr8k-$short}
-out_checkpoint=${OUT_CHECKPOINT:-checkpoints/flickr8k-$short/model.safetensors}
 
 captioner features --data "$data" --encoder "$encoder" --out "$features"
 captioner train --data "$data" --features "$features" --out "$run" --resume "${@:3}"
@@ -51,7 +51,11 @@ if [ -n "$text_corpus" ] && [ "${TEXT_EPOCHS:-3}" -gt 0 ]; then
       --features "$run-features-$short-own" --out "$run-text" --resume --epochs "${TEXT_EPOCHS:-3}" \
       ${TEXT_ARGS:-}
   best="$run-text/best.safetensors"
+  name=flickr8k-cocotext-$short
+else
+  name=flickr8k-$short
 fi
+out_checkpoint=${OUT_CHECKPOINT:-checkpoints/$name/model.safetensors}
 python scripts/export_checkpoint.py "$best" "$out_checkpoint"
 if [ "${MEMORY:-1}" != 0 ]; then
   captioner memory --data "$data" --checkpoint "$out_checkpoint" --out "$run-memory.safetensors"

@@ -107,7 +107,8 @@ def test_bench_quality_prints_every_row(bench, tiny_run, coco_dev_dir, tmp_path,
     rows = tables["flickr8k"]
     names = list(rows)
     assert names[0] == "nearest neighbour (train)" and names[1] == "image-blind LM (beam 3)"
-    assert sum(name.endswith(" greedy") for name in names) == 2 and "ensemble of 2 (beam 3)" in names
+    assert sum(name.endswith(" greedy, concepts off") for name in names) == 2 and "ensemble of 2 (beam 3)" in names
+    assert sum(name.endswith(f"beam 3 + concepts (p >= {bench.concept_decoding()})") for name in names) == 2
     assert sum(name.endswith("beam 20 + re-ranking") for name in names) == 2
     assert sum(name.endswith("[paper]") for name in names) == 4
     assert all(0 <= value <= 1000 for scores in rows.values() for value in scores.values())

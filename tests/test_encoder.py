@@ -181,7 +181,7 @@ def test_lite0_weights_hash_is_the_one_the_shipped_checkpoint_started_from(lite0
 
     from captioner.checkpoint import load_checkpoint
 
-    shipped = load_checkpoint(REPO_ROOT / "checkpoints" / "flickr8k-lite0" / "model.safetensors")
+    shipped = load_checkpoint(REPO_ROOT / "checkpoints" / "flickr8k-cocotext-lite0" / "model.safetensors")
     assert shipped.encoder["fine_tuned_from"] == lite0.weights_hash == "93ab6dc5861655b0"
     own = get_encoder("efficientnet_lite0", weights=shipped.encoder_state)
     assert own.weights_hash == shipped.encoder["weights_hash"] != lite0.weights_hash

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-SHIPPED = REPO_ROOT / "checkpoints" / "flickr8k-lite0" / "model.safetensors"
-IN_WHEEL = "captioner/_checkpoints/flickr8k-lite0/model.safetensors"
+SHIPPED = REPO_ROOT / "checkpoints" / "flickr8k-cocotext-lite0" / "model.safetensors"
+IN_WHEEL = "captioner/_checkpoints/flickr8k-cocotext-lite0/model.safetensors"
 # What a checkout may hold beside the sources: build leftovers, caches, runs (never part of a build).
 _NOT_SOURCES_ANYWHERE = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
                                                "_checkpoints")
@@ -64,7 +64,7 @@ def test_wheel_built_from_the_sdist_captions_from_any_folder(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("captioner-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert _sha256(archive.read(IN_WHEEL)) == _sha256(SHIPPED.read_bytes()), "the wheel's model differs"
-        assert "captioner/_checkpoints/flickr8k-lite0/MODEL_CARD.md" in archive.namelist()
+        assert "captioner/_checkpoints/flickr8k-cocotext-lite0/MODEL_CARD.md" in archive.namelist()
 
     # A fresh environment that reuses torch & co. from this interpreter's site-packages. Those may also hold
     # an editable captioner (a .pth finder pointing at a checkout), so check which one the venv imports.
@@ -82,7 +82,7 @@ def test_wheel_built_from_the_sdist_captions_from_any_folder(tmp_path):
                             cwd=elsewhere, env=env))
     site = (venv / "lib").resolve() if os.name != "nt" else (venv / "Lib").resolve()
     assert Path(where[0]).resolve().is_relative_to(site), f"the venv imported {where[0]}, not the wheel"
-    assert Path(where[1]).resolve().is_relative_to(site) and where[1].endswith("_checkpoints/flickr8k-lite0")
+    assert Path(where[1]).resolve().is_relative_to(site) and where[1].endswith("_checkpoints/flickr8k-cocotext-lite0")
 
     command = venv / ("Scripts" if os.name == "nt" else "bin") / "captioner"
     _run([str(command), "caption", "photos", "--output", "captions.jsonl"], cwd=elsewhere, env=env)

@@ -114,7 +114,7 @@ def startup_seconds(runs: int, checkpoint: str) -> dict[str, tuple[float, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-lite0")
+    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-cocotext-lite0")
     parser.add_argument("--images", default="../shared/data/flickr8k/images")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)

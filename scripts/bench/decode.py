@@ -35,7 +35,7 @@ def captions_per_second(model, features: torch.Tensor, config: DecodeConfig, bat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-lite0")
+    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-cocotext-lite0")
     parser.add_argument("--features", default=None, help="a feature cache (its first 128 rows are used)")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest counts")

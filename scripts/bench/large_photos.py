@@ -244,7 +244,7 @@ def bench_special(args: argparse.Namespace, tmp: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-lite0")
+    parser.add_argument("--checkpoint", default="checkpoints/flickr8k-cocotext-lite0")
     parser.add_argument("--images", default="../shared/data/flickr8k/images")
     parser.add_argument("--count", type=int, default=100, help="phone-sized photos for the throughput figures")
     parser.add_argument("--agreement", type=int, default=0, metavar="N",

@@ -11,7 +11,9 @@ The Flickr8k table (BLEU-1..4, CIDEr-D, ROUGE-L, Obj-F1) has these rows:
                       similar (cosine), a retrieval baseline with no language model at all;
   image-blind LM      the first checkpoint's decoder fed an all-zero image feature (beam 3): what the
                       language prior alone writes, the same sentence for every image;
-  <checkpoint>        each checkpoint given, decoded greedy, beam 3 and beam 5;
+  <checkpoint>        each checkpoint given, decoded greedy, beam 3 and beam 5 without concepts, and beam 3
+                      with concepts (the default decoding: made to name the confident concepts of the
+                      checkpoint's own CNN's ImageNet head, at DecodeConfig's default threshold);
   ensemble            with --ensemble, all checkpoints decoded jointly (beam 3);
   + re-ranking        with --rerank, each checkpoint's beam candidates re-ranked by consensus with a caption
                       memory of the training split (`captioner.rerank`, default settings);
@@ -63,7 +65,7 @@ from captioner.config import DecodeConfig
 from captioner.data import load_dataset
 from captioner.data.records import CaptionRecord
 from captioner.encoders import checkpoint_encoder
-from captioner.evaluation import join_member_features
+from captioner.evaluation import checkpoint_concept_logits, join_member_features
 from captioner.features import FeatureCache, encode_images, record_features
 from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, CiderD, object_mention_f1, score_captions
@@ -314,6 +316,8 @@ def flickr8k_table(args: argparse.Namespace, dataset, checkpoints: list) -> dict
         return record_features(split, checkpoint.encoder, caches_for(checkpoint), 64, device,
                                        checkpoint.encoder_state)
 
+    threshold = concept_decoding()
+    concepts_note = ", concepts off" if threshold is not None else ""
     for number, checkpoint in enumerate(checkpoints, 1):
         records, features, problems = member_features(checkpoint)
         if problems:
@@ -323,8 +327,16 @@ def flickr8k_table(args: argparse.Namespace, dataset, checkpoints: list) -> dict
             config = DecodeConfig(strategy="greedy") if beam_size == 1 else DecodeConfig(strategy="beam",
                                                                                         beam_size=beam_size)
             captions = decode_features(checkpoint.model, checkpoint.vocab, features, config)
-            score(f"{label} " + ("greedy" if beam_size == 1 else f"beam {beam_size}"), records,
+            score(f"{label} " + ("greedy" if beam_size == 1 else f"beam {beam_size}") + concepts_note, records,
                   [c[0].text for c in captions])
+        if threshold is not None:  # the default decoding: beam 3 made to name the CNN's confident concepts
+            logits, why_not = checkpoint_concept_logits(checkpoint, features)
+            if logits is None:
+                print(f"note: {label}: no concepts row: {why_not}", file=sys.stderr)
+            else:
+                captions = decode_features(checkpoint.model, checkpoint.vocab, features,
+                                           DecodeConfig(concept_threshold=threshold), concept_logits=logits)
+                score(f"{label} beam 3 + concepts (p >= {threshold})", records, [c[0].text for c in captions])
         if args.rerank:
             from captioner.evaluation import build_memory
             from captioner.rerank import reranker_for
