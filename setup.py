@@ -15,9 +15,9 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED = os.path.join("checkpoints", "flickr8k-lite0")  # the source, relative to this file
+SHIPPED = os.path.join("checkpoints", "flickr8k-cocotext-lite0")  # the source, relative to this file
 FILES = ("model.safetensors", "MODEL_CARD.md")
-PACKAGED = os.path.join("captioner", "_checkpoints", "flickr8k-lite0")  # the destination inside the package
+PACKAGED = os.path.join("captioner", "_checkpoints", "flickr8k-cocotext-lite0")  # the destination inside the package
 
 
 class build_py_with_checkpoint(build_py):  # noqa: N801 (setuptools' command naming)

@@ -33,7 +33,7 @@ from captioner.utils import atomic_replace
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
-SHIPPED_CHECKPOINT = "flickr8k-lite0"
+SHIPPED_CHECKPOINT = "flickr8k-cocotext-lite0"
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
 # Where the shipped checkpoint is: inside the installed package (a wheel, sdist or `pip install .`; setup.py
 # copies it there), else in the checkpoints/ folder of the git checkout this package runs from (editable).

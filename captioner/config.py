@@ -61,8 +61,9 @@ class DecodeConfig(Options):
     # Concepts from the CNN's ImageNet classifier (captioner.concepts) with p >= this threshold, at most
     # `max_constraints` of them that the vocabulary can say, are reported with each caption; beam search is
     # made to mention them (constrained beam search). None: concepts off, plain decoding. Used only where the
-    # door passes the ImageNet logits (`decode_features(concept_logits=)`); a provisional default, to be
-    # tuned on coco-dev and Flickr8k val.
+    # door passes the ImageNet logits (`decode_features(concept_logits=)`). 0.3 was chosen on coco-dev and
+    # Flickr8k val together: the best sum of their CIDEr-D among 0.2/0.3/0.4 for the shipped model
+    # (docs/experiments.md, session 7).
     concept_threshold: float | None = 0.3
     max_constraints: int = MAX_CONSTRAINTS
 

@@ -18,7 +18,7 @@
 #      (it holds the dataset's captions, so it stays out of checkpoints/); MEMORY=0 skips it.
 # Usage: bash scripts/train_flickr8k.sh [FLICKR8K_DIR] [RUN_DIR] [extra `captioner train` arguments...]
 # Environment: ENCODER (efficientnet_lite0), FEATURES (cache folder), SCST_EPOCHS (0), SCST_ARGS,
-# FINETUNE_EPOCHS (2), FINETUNE_ARGS, TEXT_CORPUS, TEXT_EPOCHS (3), TEXT_ARGS, OUT_CHECKPOINT, MEMORY (1).
+# FINETUNE_EPOCHS (2), FINETUNE_ARGS, TEXT_CORPUS, TEXT_EPOCHS (3), TEXT_LR (1e-3), TEXT_ARGS, OUT_CHECKPOINT, MEMORY (1).
 # Every stage resumes where it stopped when the script is run again.
 set -euo pipefail
 data=${1:-../shared/data/flickr8k}
@@ -49,7 +49,7 @@ if [ -n "$text_corpus" ] && [ "${TEXT_EPOCHS:-3}" -gt 0 ]; then
   # shellcheck disable=SC2086  # TEXT_ARGS is a list of flags
   captioner train --init-from "$best" --text-corpus "$text_corpus" --data "$data" \
       --features "$run-features-$short-own" --out "$run-text" --resume --epochs "${TEXT_EPOCHS:-3}" \
-      ${TEXT_ARGS:-}
+      --lr "${TEXT_LR:-1e-3}" --seed 1 ${TEXT_ARGS:-}
   best="$run-text/best.safetensors"
   name=flickr8k-cocotext-$short
 else
