@@ -144,3 +144,31 @@ def test_warm_start_refuses_features_of_another_cnn(tmp_path):
     with pytest.raises(ValueError, match="feature cache was made with def"):
         train(train_records, train_features, train_records[:4], train_features[:4], tmp_path / "second", None,
               config, encoder={"encoder": "test", "weights_hash": "def"}, progress=False, init_checkpoint=first)
+
+
+@pytest.mark.slow
+def test_a_warm_started_run_resumes_and_refuses_to_resume_without_its_checkpoint(tmp_path):
+    from captioner.checkpoint import CheckpointError
+
+    train_records, train_features = random_caption_records(32, "train", 0)
+    val = (train_records[:4], train_features[:4])
+    config = TrainConfig(epochs=2, batch_size=16, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10, seed=3,
+                         val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
+    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
+    encoder = {"encoder": "test", "weights_hash": "abc"}
+    first = train(train_records, train_features, *val, tmp_path / "first", model, config, encoder=encoder,
+                  progress=False)
+
+    def stop(entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(train_records, train_features, *val, tmp_path / "warm", None, config, encoder=encoder, progress=False,
+              init_checkpoint=first, on_epoch_end=stop)
+    with pytest.raises(CheckpointError, match="init_checkpoint"):
+        train(train_records, train_features, *val, tmp_path / "warm", model, config, encoder=encoder,
+              progress=False, resume=True)
+    train(train_records, train_features, *val, tmp_path / "warm", None, config, encoder=encoder, progress=False,
+          init_checkpoint=first, resume=True)
+    log = [json.loads(line) for line in (tmp_path / "warm" / LOG).read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [1, 2]

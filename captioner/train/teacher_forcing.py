@@ -91,10 +91,12 @@ class TeacherForcing(Objective):
         return math.ceil(self.examples / self.config.batch_size)
 
     def settings(self) -> dict[str, Any]:
-        return {"train_config": self.config, "init_checkpoint": str(self.init_checkpoint or "")}
+        # None when training a new decoder: runs saved before warm starts existed have no such entry
+        return {"train_config": self.config,
+                "init_checkpoint": None if self.init_checkpoint is None else str(self.init_checkpoint)}
 
     def run_info(self) -> dict[str, Any]:
-        initial = {} if self.initial is None else {"init_checkpoint": str(self.initial.path),
+        initial = {} if self.initial is None else {"init_checkpoint": str(self.init_checkpoint),
                                                    "init_info": self.initial.info}
         return {**initial, "train_config": to_dict(self.config), "seed": self.config.seed,
                 "data_fingerprint": self.data_fingerprint, "train_images": len(self.train_records),
