@@ -30,6 +30,21 @@ def load_script(relative_path: str) -> ModuleType:
     return sys.modules[module_name]
 
 
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few dozen bytes whose header declares width × height 8-bit RGB pixels (a decompression
+    bomb's header, without its pixels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def decoder_batch(vocab_size=40, batch=5, lengths=(7, 6, 6, 4, 3), feature_dim=16, seed=0):
     """A teacher-forcing batch (features, captions, lengths): ids 1 = <start>, 2 = <end>, 0 = padding,
     captions longest first, as the decoder's packing expects."""

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_header_only
 from PIL import Image, ImageFile
 
 from captioner.images import ImageLoadError, load_image
@@ -24,18 +23,6 @@ def pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int]:
 
 def close_to(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 12) -> bool:
     return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG of a few dozen bytes whose header declares width × height 8-bit RGB pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def noise(size: tuple[int, int] = (256, 256)) -> Image.Image:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from helpers import load_script, png_header_only
+from PIL import Image
 
 from captioner.apps.cli import main
 from captioner.images import DEFAULT_MAX_PIXELS, JPEG_HEADER_FACTOR, ImageLoadError, jpeg_scale, load_image
@@ -38,25 +38,8 @@ def flat_grey_jpeg(width: int, height: int) -> bytes:
     return bytes(header) + mcu * count + b"\xff\xd9"
 
 
-def photo_like(width: int, height: int) -> Image.Image:
-    """Mostly flat (small when encoded), with a sky, a field and a sun, so it is not a blank test card."""
-    image = Image.new("RGB", (width, height), (90, 140, 200))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, height * 2 // 3, width, height), fill=(60, 120, 40))
-    draw.ellipse((width * 3 // 8, height // 4, width * 5 // 8, height // 4 + width // 4), fill=(250, 220, 60))
-    return image
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG of a few dozen bytes whose header declares width × height 8-bit RGB pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-    return path
+# the photos scripts/bench/large_photos.py measures with
+photo_like = load_script("bench/large_photos.py").photo_like
 
 
 def test_flat_grey_jpeg_is_what_pillow_writes() -> None:

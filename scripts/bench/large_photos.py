@@ -197,6 +197,7 @@ def bench_agreement(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def photo_like(width: int, height: int) -> Image.Image:
+    """Mostly flat (small when encoded), with a sky, a field and a sun, so it is not a blank test card."""
     image = Image.new("RGB", (width, height), (90, 140, 200))
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, height * 2 // 3, width, height), fill=(60, 120, 40))
