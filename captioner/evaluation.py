@@ -33,12 +33,7 @@ from captioner.checkpoint import Checkpoint
 from captioner.concepts import concept_logits_for
 from captioner.config import DecodeConfig
 from captioner.data.records import CaptionRecord
-from captioner.encoders.registry import (
-    DEFAULT_ENCODER,
-    EncoderUnavailableError,
-    check_weights_hash,
-    get_encoder,
-)
+from captioner.encoders.registry import EncoderUnavailableError, checkpoint_encoder
 from captioner.ensemble import load_decoder
 from captioner.features.records import record_features
 from captioner.images import DEFAULT_MAX_PIXELS
@@ -93,12 +88,10 @@ def checkpoint_concept_logits(checkpoint: Checkpoint, features: torch.Tensor) ->
     """(ImageNet logits (N, 1000) of the checkpoint's CNN features from that CNN's own classifier, "") or
     (None, why not): the CNN cannot be built here, or has no ImageNet classifier. Works on cached features:
     only the classifier runs."""
-    entry = checkpoint.encoder
     try:
         # unfused: only the classifier is used, so folding BatchNorm (and checking the fold) would be wasted
-        encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=checkpoint.encoder_state,
-                              fuse_batchnorm=False)
-        check_weights_hash(encoder, entry.get("weights_hash"), str(checkpoint.path))
+        encoder = checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state,
+                                     fuse_batchnorm=False)
     except (EncoderUnavailableError, ValueError) as error:
         return None, f"the checkpoint's CNN could not be built for its ImageNet classifier ({error})"
     logits = concept_logits_for(encoder, features)

@@ -212,10 +212,12 @@ def check_weights_hash(encoder: Encoder, expected: str | None, owner: str) -> No
 
 
 def checkpoint_encoder(entry: Mapping[str, Any], owner: str, state: Mapping[str, torch.Tensor] | None = None,
-                       weights: Weights = None) -> Encoder:
+                       weights: Weights = None, fuse_batchnorm: bool = True) -> Encoder:
     """The CNN a checkpoint was trained on, from its `encoder` entry (name, weights_hash): built with
     `weights` when given, else the weights the checkpoint carries (`state`, a fine-tuned CNN), else the
-    entry's default source; refused unless the weights hash to the entry's weights_hash."""
-    encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=weights if weights is not None else state)
+    entry's default source; refused unless the weights hash to the entry's weights_hash. `fuse_batchnorm`
+    as in `get_encoder` (False when only the classifier will run)."""
+    encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=weights if weights is not None else state,
+                          fuse_batchnorm=fuse_batchnorm)
     check_weights_hash(encoder, entry.get("weights_hash"), owner)
     return encoder

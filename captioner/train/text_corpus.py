@@ -162,7 +162,7 @@ def text_corpus_examples(corpus: str | Path, splits: dict, target_p: float = 0.6
     name = splits["encoder"].get("encoder")
     if not name:
         raise ValueError("the feature cache names no encoder; text-only examples need its ImageNet head")
-    encoder = get_encoder(name)
+    encoder = get_encoder(name, fuse_batchnorm=False)  # only its classifier runs
     pseudo = pseudo_vectors_for(imagenet_head(encoder.model, encoder.feature_dim), splits["train_features"],
                                 target_p)
     records, features, used = text_only_examples(captions, pseudo, max_concepts)
