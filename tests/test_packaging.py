@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
@@ -39,6 +40,12 @@ def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     return done.stdout
 
 
+def _site_packages() -> list[str]:
+    """The folders this interpreter imports installed packages from (pip's own included)."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(str(Path(paths[key]).resolve()) for key in ("purelib", "platlib")))
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -66,12 +73,18 @@ def test_wheel_built_from_the_sdist_captions_from_any_folder(tmp_path):
         assert _sha256(archive.read(IN_WHEEL)) == _sha256(SHIPPED.read_bytes()), "the wheel's model differs"
         assert "captioner/_checkpoints/flickr8k-cocotext-lite0/MODEL_CARD.md" in archive.namelist()
 
-    # A fresh environment that reuses torch & co. from this interpreter's site-packages. Those may also hold
-    # an editable captioner (a .pth finder pointing at a checkout), so check which one the venv imports.
+    # A fresh environment that reuses torch & co. from the site-packages of the interpreter running the tests,
+    # whether that is a system Python, a venv or conda. `--system-site-packages` would not do: from inside a
+    # venv it exposes the base interpreter's packages, not the venv's. A .pth line adds those folders after
+    # the new venv's own; the .pth files inside them (an editable captioner's finder) are not run, and the
+    # test checks which captioner the venv imports anyway.
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=tmp_path)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAPTIONER_CHECKPOINT")}
+    venv_site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          cwd=tmp_path, env=env).strip())
+    (venv_site / "_outer_site_packages.pth").write_text("\n".join(_site_packages()) + "\n")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir", "--force-reinstall",
           str(wheel)], cwd=tmp_path, env=env)
 

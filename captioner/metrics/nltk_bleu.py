@@ -10,6 +10,7 @@ nltk is imported on first use only, so commands that never score pay nothing for
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 NLTK_BLEU_LABEL = "nltk corpus_bleu (tutorial-comparable)"
@@ -39,5 +40,9 @@ def nltk_corpus_bleu(references: Mapping[Hashable, Sequence[str]], hypotheses: M
     ids = list(references)
     list_of_references = [[tokenize(caption) for caption in references[i]] for i in ids]
     tokenised_hypotheses = [tokenize(hypotheses[i]) for i in ids]
-    return {f"BLEU-{n}": float(corpus_bleu(list_of_references, tokenised_hypotheses, weights=(1 / n,) * n))
-            for n in range(1, 5)}
+    with warnings.catch_warnings():
+        # unsmoothed BLEU is 0 when an n-gram order has no match, which is the tutorials' number; nltk warns
+        # about it every time, and the 0 is what we report
+        warnings.filterwarnings("ignore", message=r"\s*The hypothesis contains 0 counts", category=UserWarning)
+        return {f"BLEU-{n}": float(corpus_bleu(list_of_references, tokenised_hypotheses, weights=(1 / n,) * n))
+                for n in range(1, 5)}
