@@ -63,7 +63,7 @@ class DecodeConfig(Options):
     # made to mention them (constrained beam search). None: concepts off, plain decoding. Used only where the
     # door passes the ImageNet logits (`decode_features(concept_logits=)`). 0.3 was chosen on coco-dev and
     # Flickr8k val together: the best sum of their CIDEr-D among 0.2/0.3/0.4 for the shipped model
-    # (docs/experiments.md, session 7).
+    # (docs/experiments.md, 2026-12-01).
     concept_threshold: float | None = 0.3
     max_constraints: int = MAX_CONSTRAINTS
 

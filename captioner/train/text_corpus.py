@@ -2,8 +2,8 @@
 
 A decoder learns its words and sentences from captions, but a caption only teaches the image-conditioned
 path (`W_ih·v` in the gates) when it comes with an image vector v. Text-only captions with a zero or
-learned "no image" vector teach the decoder to talk one way without an image and another with one (the
-issue-16 calibration: COCO text that way left coco-dev unchanged). Here each text-only caption gets the
+learned "no image" vector teach the decoder to talk one way without an image and another with one (a
+calibration run: COCO text that way left coco-dev unchanged). Here each text-only caption gets the
 vector a photo of what it describes would roughly give: the mean training feature, moved along the
 direction the CNN's own ImageNet classifier associates with each concept the caption names, far enough
 that the classifier gives that concept `target_p` of its probability. So "a zebra standing in a field"
