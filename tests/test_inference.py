@@ -52,8 +52,8 @@ def same_captions(got, expected, tolerance: float = 1e-4) -> bool:
         len(a) == len(b) and all(
             (x.text, x.finished, x.concepts, x.constraints_met) == (y.text, y.finished, y.concepts, y.constraints_met)
             and x.log_prob == pytest.approx(y.log_prob, abs=tolerance) and x.score == pytest.approx(y.score, abs=tolerance)
-            for x, y in zip(a, b))
-        for a, b in zip(got, expected))
+            for x, y in zip(a, b, strict=True))
+        for a, b in zip(got, expected, strict=True))
 
 
 def test_decode_config_checks_the_concept_settings():
