@@ -31,7 +31,7 @@ from captioner import distributed
 from captioner.api import Captioner
 from captioner.config import DecodeConfig, RerankConfig
 from captioner.features.encode import encoded_batches
-from captioner.image_files import not_a_regular_file
+from captioner.images import not_a_regular_file
 from captioner.utils import progress_bar, write_text_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".heic",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from captioner.encoders.registry import Encoder
+from captioner.utils import atomic_replace, write_text_atomic
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.f16.npy"
@@ -297,13 +298,9 @@ def write_cache(out_dir: Path, rows: np.ndarray, ids: list[str], failed: list[di
                  encoder: Encoder) -> None:
     """Write features.f16.npy, index.json and meta.json (last) atomically."""
     (out_dir / META_FILE).unlink(missing_ok=True)  # the cache is unfinished until the new meta.json lands
-    temporary = out_dir / (FEATURES_FILE + ".tmp")
-    with open(temporary, "wb") as file:
+    with atomic_replace(out_dir / FEATURES_FILE) as temporary, open(temporary, "wb") as file:
         np.lib.format.write_array(file, rows, allow_pickle=False)
-        file.flush()
-        os.fsync(file.fileno())
     del rows
-    os.replace(temporary, out_dir / FEATURES_FILE)
     write_json_atomic(out_dir / INDEX_FILE, {image_id: row for row, image_id in enumerate(ids)})
     meta = {
         **fingerprint,
@@ -326,15 +323,6 @@ def read_json(path: Path) -> Any:
         raise FeatureCacheError(f"{path}: missing; the cache is incomplete or corrupt") from None
     except ValueError as error:
         raise FeatureCacheError(f"{path}: not valid JSON ({error}); the cache is corrupt") from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from captioner.checkpoint import load_checkpoint
 from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, checkpoint_encoder, get_encoder
-from captioner.features.loader import ImageSource, image_loader
-from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.features.loader import image_loader
+from captioner.images import DEFAULT_MAX_PIXELS, ImageSource
 
 
 def encode_batch(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
