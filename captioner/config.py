@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 # Constraints per image in constrained beam search: its states are the subsets of the constraints, so each
-# more doubles the beams (captioner.constrained).
+# more doubles the beams (captioner.decoding.beam).
 MAX_CONSTRAINTS = 2
 
 class Options:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from captioner.apps.cli import main
-from captioner.evaluation import format_table
+from captioner.evaluation.evaluate import format_table
 from captioner.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.shared_data
@@ -121,7 +121,7 @@ def test_concepts_are_off_when_the_checkpoints_cnn_cannot_be_built():
 
     import torch
 
-    from captioner.evaluation import checkpoint_concept_logits
+    from captioner.evaluation.evaluate import checkpoint_concept_logits
 
     checkpoint = SimpleNamespace(encoder={"encoder": "no-such-cnn"}, encoder_state=None, path="ck.safetensors")
     logits, why = checkpoint_concept_logits(checkpoint, torch.zeros(2, 8))

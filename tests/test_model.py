@@ -5,7 +5,7 @@ import torch
 from helpers import decoder_batch
 
 from captioner.config import DecodeConfig, ModelConfig
-from captioner.inference import decode_features
+from captioner.decoding import decode_features
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 

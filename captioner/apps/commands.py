@@ -130,7 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import os
 
     from captioner.checkpoint import default_checkpoint_path
-    from captioner.evaluation import evaluate_checkpoint
+    from captioner.evaluation.evaluate import EvaluationSettings, evaluate_checkpoint
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("evaluate runs in one process; start it without torchrun")
@@ -138,42 +138,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = load_data(args)
     dataset.require_split(args.split)  # before loading the model: a clear error for a split the data lacks
     checkpoints = args.checkpoint or [default_checkpoint_path()]
-    report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), out_dir=args.out,
-                                 features_dir=args.features, batch_size=args.batch_size, device=args.device,
-                                 coco_eval=args.coco_eval, html=not args.no_html, memory=args.memory,
-                                 rerank=rerank, max_pixels=args.max_pixels)
+    settings = EvaluationSettings(out_dir=args.out, features_dirs=tuple(args.features or ()),
+                                  batch_size=args.batch_size, device=args.device, coco_eval=args.coco_eval,
+                                  html=not args.no_html, memory=args.memory, rerank=rerank,
+                                  max_pixels=args.max_pixels)
+    report = evaluate_checkpoint(checkpoints, dataset, args.split, decode_config(args), settings)
     return 1 if report["skipped_images"] else 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioner import distributed
-    from captioner.apps.batch import caption_paths, caption_paths_sharded
+    from captioner.api import Captioner
+    from captioner.apps.batch import (
+        BatchOptions,
+        ResultWriter,
+        caption_paths,
+        caption_paths_sharded,
+        check_sharded,
+    )
     from captioner.utils import resolve_device
 
-    options = dict(checkpoint=args.checkpoint, config=decode_config(args), output=args.output,
-                   recursive=args.recursive, resume=args.resume, batch_size=args.batch_size,
-                   num_workers=args.workers, device=args.device, decode_batch_size=args.decode_batch_size,
-                   max_pixels=args.max_pixels)
-    rerank = rerank_config(args)
+    config, rerank = decode_config(args), rerank_config(args)
+    options = BatchOptions(output=args.output, recursive=args.recursive, resume=args.resume,
+                           batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
+                           num_workers=args.workers)
     with distributed.session(resolve_device(args.device), backend="gloo"):
         if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
-            return caption_paths_sharded(args.paths, memory=args.memory, **options)
-    return caption_paths(args.paths, memory=args.memory, rerank=rerank, **options)
+            check_sharded(args.output, args.memory)
+            captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, max_pixels=args.max_pixels)
+            return caption_paths_sharded(args.paths, captioner, config, options)
+    if args.output:  # refuse an output that would be overwritten before loading the model
+        ResultWriter.check_output(args.output, args.resume)
+    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, memory=args.memory, rerank=rerank,
+                                          max_pixels=args.max_pixels)
+    return caption_paths(args.paths, captioner, config, options)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.apps.demo import launch
 
-    concepts = decode_config(args)  # the demo's other decoding settings are the visitor's
+    # the server's decoding settings (the concept flags); strategy, beam size, ... are each visitor's
     launch(args.checkpoint, host=args.host, port=args.port, share=args.share,
-           memory=args.memory, rerank=rerank_config(args), max_pixels=args.max_pixels,
-           concept_threshold=concepts.concept_threshold, max_constraints=concepts.max_constraints)
+           memory=args.memory, rerank=rerank_config(args), max_pixels=args.max_pixels, decoding=decode_config(args))
     return 0
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
     from captioner.checkpoint import default_checkpoint_path, load_checkpoint
-    from captioner.evaluation import build_memory
+    from captioner.decoding.memory import build_memory
     from captioner.utils import resolve_device
 
     dataset = load_data(args)

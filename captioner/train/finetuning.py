@@ -28,7 +28,7 @@ from captioner.config import FinetuneConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, check_weights_hash, get_encoder_spec
 from captioner.encoders.weights import state_dict_hash
-from captioner.evaluation import validate
+from captioner.evaluation.validate import validate
 from captioner.features.encode import encode_images
 from captioner.features.loader import image_loader
 from captioner.model import CaptionDecoder

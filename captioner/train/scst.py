@@ -44,7 +44,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.config import DecodeConfig, ScstConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.decoding import beam_search, greedy
-from captioner.evaluation import validate
+from captioner.evaluation.validate import validate
 from captioner.metrics.cider import CiderD
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary, tokenize

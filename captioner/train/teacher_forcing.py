@@ -22,7 +22,7 @@ from captioner import distributed
 from captioner.checkpoint import load_checkpoint
 from captioner.config import ModelConfig, TrainConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.evaluation import validate
+from captioner.evaluation.validate import validate
 from captioner.model import CaptionDecoder, count_parameters
 from captioner.text import Vocabulary, tokenize
 from captioner.train.data import cached_splits, encode_split

@@ -73,8 +73,8 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
             captioner.caption_features(features[first:first + 128], DecodeConfig(strategy="beam", beam_size=3))
         seconds["decoding"] = time.perf_counter() - start
     else:  # the re-ranking decode in its two parts, on the same features
-        from captioner.inference import decode_features
-        from captioner.rerank import rerank
+        from captioner.decoding import decode_features
+        from captioner.decoding.rerank import rerank
 
         reranker, candidates = captioner.reranker, []
         start = time.perf_counter()
@@ -212,7 +212,7 @@ def main() -> None:
     print(f"   peak RSS {peak_rss_mb:.0f} MB (target <= 1536 MB)")
 
     if args.memory:
-        from captioner.rerank import RerankConfig
+        from captioner.config import RerankConfig
 
         start = time.perf_counter()
         reranking = Captioner.from_pretrained(args.checkpoint, device="cpu", memory=args.memory)

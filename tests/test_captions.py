@@ -8,10 +8,11 @@ import torch
 from helpers import CAPTION_WORDS
 
 from captioner.concepts import load_concept_map
-from captioner.config import MAX_CONSTRAINTS, DecodeConfig, ModelConfig
-from captioner.inference import decode_features
+from captioner.config import MAX_CONSTRAINTS, DecodeConfig, ModelConfig, RerankConfig
+from captioner.decoding import decode_features
+from captioner.decoding.memory import CaptionMemory
+from captioner.decoding.rerank import ConsensusReranker
 from captioner.model import CaptionDecoder
-from captioner.rerank import CaptionMemory, ConsensusReranker, RerankConfig
 from captioner.text import Vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models crawl with spinning threads
@@ -52,8 +53,8 @@ def same_captions(got, expected, tolerance: float = 1e-4) -> bool:
         len(a) == len(b) and all(
             (x.text, x.finished, x.concepts, x.constraints_met) == (y.text, y.finished, y.concepts, y.constraints_met)
             and x.log_prob == pytest.approx(y.log_prob, abs=tolerance) and x.score == pytest.approx(y.score, abs=tolerance)
-            for x, y in zip(a, b))
-        for a, b in zip(got, expected))
+            for x, y in zip(a, b, strict=True))
+        for a, b in zip(got, expected, strict=True))
 
 
 def test_decode_config_checks_the_concept_settings():
