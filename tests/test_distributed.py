@@ -21,8 +21,8 @@ from helpers import REPO_ROOT
 from PIL import Image
 
 from captioner import distributed
-from captioner.apps import batch as batch_module
 from captioner.api import Captioner
+from captioner.apps import batch as batch_module
 from captioner.apps.batch import BatchOptions, caption_paths
 from captioner.apps.cli import main
 from captioner.checkpoint import load_checkpoint, read_raw

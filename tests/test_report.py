@@ -7,8 +7,9 @@ import io
 import re
 
 import pytest
-from captioner.evaluation.report import thumbnail_data_uri, write_html_report
 from PIL import Image
+
+from captioner.evaluation.report import thumbnail_data_uri, write_html_report
 
 
 @pytest.fixture

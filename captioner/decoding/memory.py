@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from captioner.checkpoint import Checkpoint, atomic_save, read_raw
+from captioner.encoders.identity import check_same_cnn
 from captioner.features.records import record_features
 from captioner.images import DEFAULT_MAX_PIXELS
 from captioner.metrics.cider import CiderD
@@ -92,11 +93,8 @@ class CaptionMemory:
 
     def check_encoder(self, encoder: dict[str, Any], owner: str) -> None:
         """Refuse a memory whose features come from another CNN than `owner`'s (a checkpoint's encoder entry)."""
-        mine, theirs = self.encoder.get("weights_hash"), encoder.get("weights_hash")
-        if self.encoder.get("encoder") != encoder.get("encoder") or (mine and theirs and mine != theirs):
-            raise CaptionMemoryError(f"{owner}: its CNN is {encoder.get('encoder')} with weights {theirs}, but the caption "
-                               f"memory was built with {self.encoder.get('encoder')} weights {mine}; build the "
-                               f"memory with `captioner memory --checkpoint` for this checkpoint")
+        check_same_cnn(self.encoder, encoder, owner, "the caption memory was built with", "its CNN is",
+                       "build the memory with `captioner memory --checkpoint` for this checkpoint", CaptionMemoryError)
 
     def check_disjoint(self, image_ids: list[str], split: str) -> None:
         """Refuse to score images whose own captions are in the memory (they would vote for themselves)."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from captioner.encoders.identity import cnn_mismatch
 from captioner.encoders.registry import Encoder
 from captioner.utils import atomic_replace, write_text_atomic
 
@@ -38,8 +39,10 @@ RANK_PARTIAL_GLOB = "partial.rank*"  # rank k > 0 of a sharded run: partial.rank
 PARTIAL_ROWS = "features.f16.bin"
 PARTIAL_LOG = "batches.jsonl"
 PARTIAL_FINGERPRINT = "fingerprint.json"
-# Fields that must agree for two sets of features to be mixed in one cache.
+# Fields that must agree for two sets of features to be mixed in one cache: the CNN's identity
+# (`captioner.encoders.identity`: encoder and weights_hash), and the features' format.
 FINGERPRINT_FIELDS = ("format_version", "encoder", "feature_dim", "dtype", "preprocessing", "weights_hash")
+FORMAT_FIELDS = ("format_version", "feature_dim", "dtype", "preprocessing")
 
 
 class FeatureCacheError(ValueError):
@@ -59,7 +62,7 @@ def cache_fingerprint(encoder: Encoder) -> dict[str, Any]:
 
 
 def check_fingerprint(found: dict, wanted: dict, where: Path) -> None:
-    differing = [name for name in FINGERPRINT_FIELDS if found.get(name) != wanted.get(name)]
+    differing = cnn_mismatch(found, wanted) + [name for name in FORMAT_FIELDS if found.get(name) != wanted.get(name)]
     if differing:
         details = "; ".join(f"{name}: cache has {found.get(name)!r}, this run {wanted.get(name)!r}"
                             for name in differing)

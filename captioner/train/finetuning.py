@@ -26,7 +26,7 @@ from torch import Tensor
 from captioner.checkpoint import load_checkpoint
 from captioner.config import FinetuneConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, check_weights_hash, get_encoder_spec
+from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, check_trained_cnn, get_encoder_spec
 from captioner.encoders.weights import state_dict_hash
 from captioner.evaluation.validate import validate
 from captioner.features.encode import encode_images
@@ -58,7 +58,7 @@ class CnnFinetuning(Objective):
         self.start_hash = state_dict_hash(cnn.state_dict())
         cnn.requires_grad_(True)
         self.cnn = Encoder(spec, cnn, self.start_hash, "fine-tuned")
-        check_weights_hash(self.cnn, checkpoint.encoder.get("weights_hash"), str(self.init_checkpoint))
+        check_trained_cnn(self.cnn, checkpoint.encoder, str(self.init_checkpoint))
         self.captions = encode_split(self.train_records, torch.zeros(len(self.train_records), 1), self.vocab,
                                      self.config.max_caption_length)
         self.captions_of: list[list[int]] = [[] for _ in self.train_records]  # caption rows of each image
