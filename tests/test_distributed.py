@@ -159,7 +159,7 @@ RESUME_SCRIPT = """
 import sys
 import torch
 from captioner import distributed
-from captioner.config import DecodeConfig, TrainConfig
+from captioner.config import DecodeConfig, ModelConfig, TrainConfig
 from captioner.data import load_dataset
 from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.features import FeatureCache
@@ -171,7 +171,7 @@ data, images, features, out = sys.argv[1:5]
 dataset = load_dataset(data, images_dir=images)
 config = TrainConfig(epochs=3, batch_size=8, lr=0.2, seed=5, min_word_count=1,
                      val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.3}
+model = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.3)
 
 
 def stop(entry):
@@ -284,7 +284,7 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
         pytest.skip("this CPU's oneDNN has no bfloat16 LSTM (AVX2 only): the refusal is checked, training is not")
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
 
-    from captioner.config import TrainConfig
+    from captioner.config import ModelConfig, TrainConfig
     from captioner.data.records import CaptionRecord
     from captioner.train import train
 
@@ -297,8 +297,8 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(records, features, records[:2], features[:2], tmp_path, {"embed_dim": 8, "hidden_dim": 8,
-              "image_dim": 8}, config, progress=False, amp="bf16")
+        train(records, features, records[:2], features[:2], tmp_path, ModelConfig(embed_dim=8, hidden_dim=8,
+              image_dim=8), config, progress=False, amp="bf16")
     finally:
         torch.set_num_threads(threads)
     log = _log(tmp_path)

@@ -106,6 +106,7 @@ def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_
         quiet=True, features_dirs=(tiny_run["features"], tmp_path / "own")))
     from_cnn = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), EvaluationSettings(quiet=True))
     assert from_caches["scores"] == from_cnn["scores"]
-    assert main(["features", *data, "--from-checkpoint", str(path), "--encoder", "efficientnet_lite0",
+    assert main(["features", *data, "--checkpoint", str(path), "--encoder", "efficientnet_lite0",
                  "--out", str(tmp_path / "both")]) == 2
-    assert "--from-checkpoint takes the CNN" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the first command used the old spelling, which still works
+    assert "--from-checkpoint is deprecated; use --checkpoint" in err and "--checkpoint takes the CNN" in err

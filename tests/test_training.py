@@ -18,7 +18,7 @@ def _config(epochs=3, ema_decay=0.0):
                        ema_decay=ema_decay)
 
 
-MODEL = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.2}
+MODEL = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.2)
 
 
 def _run(out_dir, epochs=3, resume=False, stop_after=None, ema_decay=0.0):

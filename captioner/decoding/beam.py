@@ -45,15 +45,9 @@ _NEG_INF = float("-inf")
 
 
 @torch.inference_mode()
-def beam_search(
-    model: StepModel,
-    image_features: Tensor,
-    config: DecodeConfig,
-    start_id: int,
-    end_id: int,
-    suppress_ids: Sequence[int] = (),
-    constraints: Sequence[Sequence[Constraint]] | None = None,
-) -> list[list[Hypothesis]]:
+def beam_search(model: StepModel, image_features: Tensor, config: DecodeConfig, start_id: int, end_id: int,
+                suppress_ids: Sequence[int] = (), constraints: Sequence[Sequence[Constraint]] | None = None
+                ) -> list[list[Hypothesis]]:
     """For each image, the `config.n_best` best captions by `Hypothesis.score`, best first; with
     `constraints` (one list of 0 to MAX_CONSTRAINTS token-id sets per image), the best that meet all of
     the image's constraints (see the module docstring).

@@ -29,15 +29,9 @@ if TYPE_CHECKING:
     from captioner.decoding.rerank import ConsensusReranker
 
 
-def decode(
-    model: StepModel,
-    image_features: Tensor,
-    config: DecodeConfig,
-    start_id: int,
-    end_id: int,
-    suppress_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> list[list[Hypothesis]]:
+def decode(model: StepModel, image_features: Tensor, config: DecodeConfig, start_id: int, end_id: int,
+           suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None
+           ) -> list[list[Hypothesis]]:
     """Caption every image with `config.strategy`; for each image, `config.n_best` hypotheses best first.
 
     Beam search returns fewer for an image only when fewer captions with a finite log-prob exist (a toy

@@ -19,33 +19,21 @@ _NEG_INF = float("-inf")
 
 
 @torch.inference_mode()
-def greedy(
-    model: StepModel,
-    image_features: Tensor,
-    config: DecodeConfig,
-    start_id: int,
-    end_id: int,
-    suppress_ids: Sequence[int] = (),
-) -> list[list[Hypothesis]]:
+def greedy(model: StepModel, image_features: Tensor, config: DecodeConfig, start_id: int, end_id: int,
+           suppress_ids: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """Most likely token at every step, all images at once. One hypothesis per image."""
     if config.n_best != 1:
         raise ValueError(f"greedy decoding gives one caption per image, but n_best is {config.n_best}; "
                          "use strategy 'beam' or 'sample' for several")
     state = checked_init_state(model, image_features)
     return decode_rows(model, state, config, start_id, end_id, suppress_ids,
-                        choose=lambda log_probs: log_probs.argmax(dim=1), group_size=1)
+                       choose=lambda log_probs: log_probs.argmax(dim=1), group_size=1)
 
 
 @torch.inference_mode()
-def sample(
-    model: StepModel,
-    image_features: Tensor,
-    config: DecodeConfig,
-    start_id: int,
-    end_id: int,
-    suppress_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> list[list[Hypothesis]]:
+def sample(model: StepModel, image_features: Tensor, config: DecodeConfig, start_id: int, end_id: int,
+           suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None
+           ) -> list[list[Hypothesis]]:
     """`config.n_best` independent samples per image, sorted by score (= log_prob when length_penalty is 0).
 
     Tokens are drawn from softmax(log_probs / temperature), restricted to the top_k tokens, then to the
@@ -65,16 +53,9 @@ def sample(
     return decode_rows(model, state, config, start_id, end_id, suppress_ids, choose, group_size=n_samples)
 
 
-def decode_rows(
-    model: StepModel,
-    state: State,
-    config: DecodeConfig,
-    start_id: int,
-    end_id: int,
-    suppress_ids: Sequence[int],
-    choose: Callable[[Tensor], Tensor],
-    group_size: int,
-) -> list[list[Hypothesis]]:
+def decode_rows(model: StepModel, state: State, config: DecodeConfig, start_id: int, end_id: int,
+                suppress_ids: Sequence[int], choose: Callable[[Tensor], Tensor], group_size: int
+                ) -> list[list[Hypothesis]]:
     """One caption per state row, the next token picked by `choose`; rows are grouped per image."""
     rows = state[0].size(0)
     device = state[0].device

@@ -37,7 +37,7 @@ The photos go through each checkpoint's own CNN (`encode_images`), cached under 
 Nothing is trained, and nothing is chosen on coco-dev here: it is only scored. Flickr8k features come
 from caches made by `captioner features` (each checkpoint reads the cache its encoder made; the
 nearest-neighbour row uses the first cache); a checkpoint that carries its own fine-tuned CNN reads a
-cache of that CNN (`captioner features --from-checkpoint`) when one is given, else runs it on the images.
+cache of that CNN (`captioner features --checkpoint`) when one is given, else runs it on the images.
 `--split val` scores val instead (choose settings there; score test once).
 """
 
