@@ -1,4 +1,4 @@
-"""Fine-tuning the CNN together with a trained decoder (`captioner finetune`).
+"""Fine-tuning the CNN together with a trained decoder (`captioner train --objective finetune`).
 
 An objective of the one trainer (captioner.train.trainer): init from a trained checkpoint (its decoder,
 and its CNN: the checkpoint's own, or the default weights its encoder entry names); the parameter set is
