@@ -64,6 +64,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_saved_with_the_old_validation_settings_resumes(tmp_path):
+    """Runs saved before validation recorded the truth say concept_threshold 0.3 in their val_decode (it
+    never ran: validation has no concepts); they read back as None and resume."""
+    from safetensors.torch import save_file
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, stop_after=1)
+    tensors, metadata = read_raw(tmp_path / LAST)
+    info = json.loads(metadata["info"])
+    assert info["val_decode"]["concept_threshold"] is None is info["train_config"]["val_decode"]["concept_threshold"]
+    info["val_decode"]["concept_threshold"] = info["train_config"]["val_decode"]["concept_threshold"] = 0.3
+    save_file(tensors, str(tmp_path / LAST), metadata={**metadata, "info": json.dumps(info)})
+    _run(tmp_path, resume=True)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / LOG).read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, stop_after=1)
