@@ -1,7 +1,12 @@
-"""The public API: `Captioner.from_pretrained(path).caption(images, ...)`."""
+"""The public API: `Captioner.from_pretrained(path).caption(images, ...)`.
+
+A `Captioner` is a checkpoint's decoder with the CNN it was trained on (and, optionally, a caption memory
+for re-ranking). Its `stream` is the one image -> caption pipeline (`captioner.pipeline`) that the batch
+command and the demo run too; `caption` collects it into one result per input."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -11,16 +16,14 @@ from PIL import Image
 
 from captioner.checkpoint import Checkpoint, load_for_inference
 from captioner.concepts import Concept, concept_logits_for
-from captioner.config import DecodeConfig
+from captioner.config import DecodeConfig, RerankConfig
+from captioner.decoding.captions import Caption, decode_features
+from captioner.decoding.rerank import ConsensusReranker, reranker_for
 from captioner.encoders.registry import Encoder
-from captioner.features.encode import encode_images
 from captioner.features.loader import jpeg_draft_size
-from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from captioner.inference import Caption, decode_features
-from captioner.rerank import ConsensusReranker, RerankConfig, reranker_for
+from captioner.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, source_name
+from captioner.pipeline import ImageCaptions, caption_images
 from captioner.utils import resolve_device
-
-ImageInput = str | Path | bytes | Image.Image
 
 
 @dataclass
@@ -78,7 +81,7 @@ class Captioner:
         """JPEGs are decoded at reduced scale down to this side, no further (twice the CNN's input)."""
         return jpeg_draft_size(self.encoder.preprocessor)
 
-    def load_image(self, image: ImageInput) -> Image.Image:
+    def load_image(self, image: ImageSource) -> Image.Image:
         """An image as `caption` loads it: reduced-scale JPEG decoding, this captioner's pixel limit."""
         return load_image(image, max_pixels=self.max_pixels, draft_size=self.draft_size)
 
@@ -99,33 +102,29 @@ class Captioner:
         return decode_features(self.checkpoint.model, self.vocab, features, config, reranker=reranker,
                                concept_logits=logits)
 
-    def caption(self, images: ImageInput | list[ImageInput], config: DecodeConfig | None = None,
+    def stream(self, images: Sequence[ImageSource], config: DecodeConfig | Sequence[DecodeConfig], *,
+               batch_size: int = 32, decode_batch_size: int | None = None,
+               num_workers: int | None = None) -> Iterator[list[ImageCaptions]]:
+        """The pipeline (`captioner.pipeline.caption_images`) with this captioner's CNN, decoder and pixel
+        limit: groups of results in input order, `batch_size` images per CNN batch, decoded
+        `decode_batch_size` (default: `batch_size`) at a time; one config for all, or one per image."""
+        return caption_images(images, self.encoder, self.caption_features, config, batch_size=batch_size,
+                              decode_batch_size=decode_batch_size or batch_size, num_workers=num_workers,
+                              max_pixels=self.max_pixels)
+
+    def caption(self, images: ImageSource | list[ImageSource], config: DecodeConfig | None = None,
                 batch_size: int = 32, **overrides: Any) -> list[CaptionResult]:
         """Caption PIL images, paths or encoded bytes. Options are DecodeConfig fields, e.g.
         `strategy="beam", beam_size=3, n_best=1`, or `concept_threshold=None` for captions without concepts.
-        An unreadable image gets a result with `.error`."""
+        An unreadable image gets a result with `.error`. (`stream` gives the results group by group.)"""
         if not isinstance(images, list):
             images = [images]
         config = self.decode_config(config, **overrides)
         results: list[CaptionResult] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            loaded, loaded_results, chunk_results = [], [], []
-            for image in chunk:
+        for group in self.stream(images, config, batch_size=batch_size):
+            for item in group:
+                image = images[item.index]
                 source = str(image) if isinstance(image, (str, Path)) else type(image).__name__
-                result = CaptionResult(source)
-                try:
-                    loaded.append(self.load_image(image))
-                    loaded_results.append(result)
-                except ImageLoadError as error:
-                    result.error = str(error)
-                chunk_results.append(result)
-            if loaded:
-                encoded = encode_images(loaded, self.encoder, max_pixels=self.max_pixels)
-                for position, reason in encoded.failures:
-                    loaded_results[position].error = f"{loaded_results[position].source}: {reason}"
-                captions = self.caption_features(encoded.features, config)
-                for position, image_captions in zip(encoded.indices, captions, strict=True):
-                    loaded_results[position].captions = image_captions
-            results.extend(chunk_results)
+                error = None if item.error is None else f"{source_name(image)}: {item.error}"
+                results.append(CaptionResult(source, item.captions or [], error))
         return results

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 # Constraints per image in constrained beam search: its states are the subsets of the constraints, so each
-# more doubles the beams (captioner.constrained).
+# more doubles the beams (captioner.decoding.beam).
 MAX_CONSTRAINTS = 2
 
 class Options:
@@ -29,9 +29,11 @@ class Options:
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. `feature_dim` is the CNN feature size; `vocab_size` comes from the vocabulary."""
+    """Decoder shape. `vocab_size` comes from the vocabulary and `feature_dim` (the CNN feature size) from the
+    features: training sets both when it builds a new decoder, so a shape to train is e.g.
+    `ModelConfig(hidden_dim=256)`."""
 
-    vocab_size: int
+    vocab_size: int = 0
     feature_dim: int = 1280
     embed_dim: int = 512
     hidden_dim: int = 512
@@ -130,6 +132,18 @@ class RerankConfig:
                    model_weight=options.get("rerank_weight", defaults.model_weight))
 
 
+def validation_decode(config: DecodeConfig) -> DecodeConfig:
+    """`config` as validation runs it: validation decodes the val features without the CNN's ImageNet
+    classifier, so without concepts (concept_threshold None). The training settings hold it this way, so a
+    checkpoint records the decoding its val scores came from (runs saved before recorded 0.3, which never
+    ran; they read back as None, so they still resume)."""
+    return config if config.concept_threshold is None else replace(config, concept_threshold=None)
+
+
+def _validation_default() -> DecodeConfig:
+    return DecodeConfig(strategy="beam", beam_size=3, concept_threshold=None)
+
+
 @dataclass
 class TrainConfig(Options):
     """Optimisation settings for teacher-forced training on cached features."""
@@ -149,14 +163,17 @@ class TrainConfig(Options):
     # instead of the raw weights; the raw weights are scored too, for comparison (`val_raw` in the log).
     ema_decay: float = 0.0
     seed: int = 0
-    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_decode: DecodeConfig = field(default_factory=_validation_default)  # see `validation_decode`
     val_max_images: int | None = None
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.val_decode = validation_decode(self.val_decode)
 
 
 @dataclass
 class ScstConfig(Options):
-    """Settings of the self-critical fine-tuning stage (`captioner train --scst`, captioner.train.scst)."""
+    """Settings of self-critical fine-tuning (`captioner train --objective scst`, captioner.train.scst)."""
 
     epochs: int = 10
     batch_images: int = 50  # images per update; each contributes samples_per_image captions
@@ -170,10 +187,11 @@ class ScstConfig(Options):
     dropout: float | None = None  # None: keep the XE model's dropout while sampling; else use this rate
     patience: int = 3  # epochs without val CIDEr-D improvement before stopping
     seed: int = 0
-    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_decode: DecodeConfig = field(default_factory=_validation_default)  # see `validation_decode`
     val_max_images: int | None = None
 
     def __post_init__(self) -> None:
+        self.val_decode = validation_decode(self.val_decode)
         if self.baseline not in ("mean", "greedy"):
             raise ValueError(f"ScstConfig.baseline must be 'mean' or 'greedy', got {self.baseline!r}")
         if self.candidates not in ("sample", "beam"):
@@ -191,7 +209,8 @@ class ScstConfig(Options):
 
 @dataclass
 class FinetuneConfig(Options):
-    """Settings of `captioner finetune` (captioner.train.finetuning): the CNN trained together with the decoder."""
+    """Settings of CNN fine-tuning (`captioner train --objective finetune`, captioner.train.finetuning): the CNN
+    trained together with the decoder."""
 
     epochs: int = 2
     batch_images: int = 16  # images per step, each with all its captions
@@ -205,9 +224,12 @@ class FinetuneConfig(Options):
     max_caption_length: int = 30
     patience: int = 3  # epochs without val CIDEr-D improvement (over the start too) before stopping
     seed: int = 0
-    val_decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(strategy="beam", beam_size=3))
+    val_decode: DecodeConfig = field(default_factory=_validation_default)  # see `validation_decode`
     val_max_images: int | None = None
     train_max_images: int | None = None  # smoke runs only
+
+    def __post_init__(self) -> None:
+        self.val_decode = validation_decode(self.val_decode)
 
 
 def to_dict(config: Any) -> dict:

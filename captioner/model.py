@@ -6,15 +6,14 @@ Par-inject ("every", the default): the image feature v is projected once per ima
     gates_t = W_x·x_t + W_v·v' + W_hh·h_{t-1} + b
 
 where x_t is the word embedding and v' the projected image. The weights are those of an `nn.LSTM`
-whose input is the concatenation [x_t; v'] (`weight_ih_l0 = [W_x | W_v]`), so the module can run
-either through `nn.LSTM` or through the hand-written loop below, which computes W_x·x for all
-steps in one matrix product, W_v·v' once per caption, and then only the recurrence; the two give
-the same outputs (tested). Training uses `nn.LSTM` by default (`lstm_impl="nn"`): its fused kernels
-beat the loop's per-step Python, even though the loop skips recomputing the image term
-(`scripts/bench/train.py` measures both; figures in the README).
-Decoding always steps through `step`, which adds the precomputed image term; without gradients or
-dropout it also looks the word term W_x·x_t up in a (vocabulary, 4H) table instead of multiplying,
-which makes decoding faster (`scripts/bench/decode.py`; docs/experiments.md, "Speed choices in the code").
+whose input is the concatenation [x_t; v'] (`weight_ih_l0 = [W_x | W_v]`). Teacher-forced training runs
+the whole caption through `nn.LSTM`, whose fused kernels beat a hand-written recurrence's per-step Python
+even though that would compute the image term once (`scripts/bench/train.py` measures training
+throughput). Decoding steps through `step`, which adds the precomputed image term W_v·v' and runs the
+same recurrence by hand; without gradients or dropout it also looks the word term W_x·x_t up in a
+(vocabulary, 4H) table instead of multiplying, which makes decoding faster (`scripts/bench/decode.py`;
+docs/experiments.md, "Speed choices in the code"). `step` and `forward` give the same distributions
+(tested).
 
 Inject-first ("first", Show and Tell): v' is fed as the input of one step before `<start>` and never
 again.
@@ -35,14 +34,13 @@ State = tuple[Tensor, Tensor, Tensor]  # (h (B, layers, H), c (B, layers, H), im
 
 
 class CaptionDecoder(nn.Module):
-    def __init__(self, config: ModelConfig, lstm_impl: str = "nn"):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         if config.image_input not in ("every", "first"):
             raise ValueError(f"image_input must be 'every' or 'first', got {config.image_input!r}")
         if config.image_input == "first" and config.image_dim != config.embed_dim:
             raise ValueError("image_input='first' feeds the image as a word: image_dim must equal embed_dim")
         self.config = config
-        self.lstm_impl = lstm_impl
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.image_proj = nn.Linear(config.feature_dim, config.image_dim)
         self.dropout = nn.Dropout(config.dropout)
@@ -79,10 +77,7 @@ class CaptionDecoder(nn.Module):
         packed_targets = pack_padded_sequence(targets, steps, batch_first=True).data  # (tokens,)
         words = self.dropout(self.embed(inputs))  # (B, T-1, E)
         image = self.dropout(self.image_proj(image_features))  # (B, image_dim)
-        if self.lstm_impl == "loop":
-            hidden = self._run_loop(words, image, steps)  # (tokens, H)
-        else:
-            hidden = self._run_nn_lstm(words, image, steps)
+        hidden = self._run_nn_lstm(words, image, steps)  # (tokens, H)
         logits = self.output(self.dropout(hidden))  # (tokens, V)
         return logits, packed_targets
 
@@ -95,33 +90,6 @@ class CaptionDecoder(nn.Module):
         outputs, _ = self.lstm(inputs)  # (B, 1+T, H); positions past each length are never read
         return pack_padded_sequence(outputs[:, 1:], steps, batch_first=True).data
 
-    def _run_loop(self, words: Tensor, image: Tensor, steps: Tensor) -> Tensor:
-        """The same LSTM as nn.LSTM, written out so constant terms are computed once.
-
-        Rows are sorted by length, so at step t the live rows are a prefix of the batch
-        (`batch_sizes[t]` of them) and padded positions are never computed.
-        """
-        batch = words.size(0)
-        hidden_dim, layers = self.config.hidden_dim, self.config.num_layers
-        w_x, w_v = self._split_input_weights()
-        _, weight_hh0, bias0 = self._layer_weights(0)
-        if w_v is not None:
-            # (B, T, 4H): one product for all steps, plus the image term once per caption
-            input_gates = words @ w_x.T + bias0 + (image @ w_v.T)[:, None]
-        else:  # inject-first: the image is the input of an extra first step, whose output is dropped
-            input_gates = torch.cat([image[:, None], words], dim=1) @ w_x.T + bias0
-            steps = steps + 1
-        batch_sizes = torch.bincount(steps - 1, minlength=int(steps.max())).flip(0).cumsum(0).flip(0).tolist()
-        zeros = words.new_zeros(batch, hidden_dim)
-        layer_output = self._recur(input_gates, batch_sizes, zeros, zeros, weight_hh0)  # (tokens, H)
-        for layer in range(1, layers):
-            weight_ih, weight_hh, bias = self._layer_weights(layer)
-            # the next layer's input projection for all tokens at once, then its recurrence
-            gates = self.lstm_dropout(layer_output) @ weight_ih.T + bias  # (tokens, 4H)
-            layer_output = self._recur(self._unpack(gates, batch_sizes, batch), batch_sizes, zeros, zeros,
-                                       weight_hh)
-        return layer_output if w_v is not None else layer_output[batch:]
-
     def lstm_dropout(self, x: Tensor) -> Tensor:
         return nn.functional.dropout(x, self.lstm.dropout, self.training)
 
@@ -132,25 +100,6 @@ class CaptionDecoder(nn.Module):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
-
-    def _recur(self, input_gates: Tensor, batch_sizes: list[int], h: Tensor, c: Tensor,
-               weight_hh: Tensor) -> Tensor:
-        """Recurrence over padded input gates (B, T, 4H) -> packed outputs (tokens, H)."""
-        outputs = []
-        for t, live in enumerate(batch_sizes):
-            h, c = self._cell(input_gates[:live, t], h[:live], c[:live], weight_hh)
-            outputs.append(h)
-        return torch.cat(outputs)
-
-    @staticmethod
-    def _unpack(packed: Tensor, batch_sizes: list[int], batch: int) -> Tensor:
-        """Packed (tokens, F) -> padded (B, T, F), zeros past each length."""
-        padded = packed.new_zeros(batch, len(batch_sizes), packed.size(1))
-        offset = 0
-        for t, live in enumerate(batch_sizes):
-            padded[:live, t] = packed[offset:offset + live]
-            offset += live
-        return padded
 
     # ------------------------------------------------------------------------------------ decoding
     def init_state(self, image_features: Tensor) -> State:

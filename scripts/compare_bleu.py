@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from captioner.data import load_dataset
-    from captioner.evaluation import coco_result_id
+    from captioner.evaluation.evaluate import coco_result_id
     from captioner.metrics import compute_scores
     from captioner.metrics.nltk_bleu import NLTK_BLEU_LABEL, nltk_corpus_bleu
     from captioner.text import tokenize

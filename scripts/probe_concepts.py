@@ -12,9 +12,9 @@
 3. With --decode: the checkpoint on coco-dev (and the Flickr8k val photos) with default decoding, plain
    beam search vs constrained beam search forced to mention up to 2 concepts (`constraint_concepts`,
    vocabulary words only) at each threshold; CIDEr-D and BLEU-4 from captioner.metrics, and how often
-   the constraints were met; and soft guidance (`captioner.guidance`, --guide-weight w: w*p on every
-   sayable concept above the threshold until it is said; --guide-weights). Decoding settings are DecodeConfig's defaults.
-   docs/concepts.md has the tables this printed.
+   the constraints were met. Decoding settings are DecodeConfig's defaults. docs/concepts.md has the tables
+   this printed (its soft-guidance rows came from an earlier version of this script, with a guidance
+   wrapper that was then removed from the library).
 
 Nothing is trained; coco-dev is only scored. The photos go through each CNN once.
 """
@@ -22,7 +22,6 @@ Nothing is trained; coco-dev is only scored. The photos go through each CNN once
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -40,11 +39,9 @@ from captioner.concepts import (
     mentions,
 )
 from captioner.config import DecodeConfig
-from captioner.constrained import constrained_beam_search
 from captioner.decoding import beam_search
 from captioner.encoders import Encoder, checkpoint_encoder, get_encoder
 from captioner.features import encode_images
-from captioner.guidance import GuidedModel, guidance_bonus
 from captioner.metrics import compute_scores
 from captioner.text import tokenize
 
@@ -142,8 +139,7 @@ def agreement(name: str, fine_logits: torch.Tensor, packaged_logits: torch.Tenso
 
 
 def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Tensor,
-                 references: list[list[str]], thresholds: list[float], guide_weights: list[float], show: int,
-                 show_threshold: float) -> None:
+                 references: list[list[str]], thresholds: list[float], show: int, show_threshold: float) -> None:
     config = DecodeConfig()
     vocab = checkpoint.vocab
     suppress = (vocab.pad_id, vocab.start_id, vocab.unk_id)
@@ -165,8 +161,8 @@ def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Te
         constraints = [[[vocab.index[f] for f in load_concept_map().forms[c.word] if f in vocab.index]
                         for c in cs] for cs in chosen]
         start = time.perf_counter()
-        results = constrained_beam_search(checkpoint.model, features, config, vocab.start_id, vocab.end_id,
-                                          constraints, suppress)
+        results = beam_search(checkpoint.model, features, config, vocab.start_id, vocab.end_id, suppress,
+                              constraints=constraints)
         seconds = time.perf_counter() - start
         constrained_photos = sum(bool(c) for c in constraints)
         met = sum(bool(c) and r[0].constraints_met for c, r in zip(constraints, results, strict=True))
@@ -179,24 +175,6 @@ def decode_table(name: str, checkpoint, features: torch.Tensor, logits: torch.Te
                 print(f"    photo {i} [{words}]\n      plain:       {' '.join(vocab.decode(plain[i][0].tokens))}"
                       f"\n      constrained: {' '.join(vocab.decode(results[i][0].tokens))}"
                       f"\n      reference:   {references[i][0].strip()}")
-    for guide_weight, threshold in itertools.product(guide_weights, thresholds):
-        # guide words: every sayable concept above the threshold, bonus weight * p
-        detected = ConceptDetector(threshold=threshold, top_k=0)(logits)
-        guides = [[(ids, guide_weight * c.p) for c in cs
-                   if (ids := [vocab.index[f] for f in load_concept_map().forms[c.word] if f in vocab.index])]
-                  for cs in detected]
-        guided = GuidedModel(checkpoint.model, guidance_bonus(guides, len(vocab)))
-        start = time.perf_counter()
-        with torch.inference_mode():
-            results = beam_search(guided, features, config, vocab.start_id, vocab.end_id, suppress)
-        seconds = time.perf_counter() - start
-        said = sum(any(set(h[0].tokens) & set(ids) for ids, _ in g) for g, h in zip(guides, results, strict=True))
-        print(f"  guided {guide_weight:g}*p, p >= {threshold:.1f}: {scores(results)}  ({sum(bool(g) for g in guides)} "
-              f"photos guided, {said} say a guide word; {seconds:.1f} s)")
-        if show and abs(threshold - show_threshold) < 1e-9:
-            for i in [i for i, g in enumerate(guides) if g][:show]:
-                print(f"    photo {i}: plain: {' '.join(vocab.decode(plain[i][0].tokens))}\n"
-                      f"             guided: {' '.join(vocab.decode(results[i][0].tokens))}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", action="store_true", help="also score plain vs constrained beam search")
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
                         help="concept probability thresholds to tabulate and decode with")
-    parser.add_argument("--guide-weights", type=float, nargs="*", default=[8.0],
-                        help="with --decode, also score soft guidance with these weights (none: skip)")
     parser.add_argument("--cache", type=Path, help="keep each photo set's features and logits here "
                         "(safetensors), and reuse them when the checkpoint's CNN is the same")
     parser.add_argument("--show", type=int, default=0, help="with --decode, print this many example captions")
@@ -241,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             concepts_at = {t: ConceptDetector(threshold=t, top_k=0)(logits) for t in args.thresholds}
             precision_table(f"{name}, {label}", concepts_at, references, checkpoint.vocab.index)
         if args.decode:
-            decode_table(name, checkpoint, fine_features, fine_logits, references, args.thresholds,
-                         args.guide_weights, args.show, args.show_threshold)
+            decode_table(name, checkpoint, fine_features, fine_logits, references, args.thresholds, args.show,
+                         args.show_threshold)
     return 0
 
 

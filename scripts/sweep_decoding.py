@@ -2,7 +2,7 @@
 
     python scripts/sweep_decoding.py runs/base/best.safetensors --features runs/features-flickr8k-lite0
 
-With --rerank, consensus re-ranking (`captioner.rerank`) with a memory of the train split instead:
+With --rerank, consensus re-ranking (`captioner.decoding.rerank`) with a memory of the train split instead:
 candidates (the beam size) × neighbours × weight of the beam score, one beam search per candidate count.
 
 Several checkpoints are decoded jointly as an ensemble. Prints BLEU-4, CIDEr-D and ROUGE-L (×100) and the
@@ -18,9 +18,9 @@ import time
 
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
-from captioner.evaluation import join_member_features
+from captioner.decoding import decode_features
+from captioner.evaluation.evaluate import join_member_features
 from captioner.features import record_features
-from captioner.inference import decode_features
 from captioner.metrics import score_captions
 
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     import torch
 
-    from captioner.ensemble import load_decoder
+    from captioner.decoding.ensemble import load_decoder
 
     model, checkpoints = load_decoder(args.checkpoints)
     vocab = checkpoints[0].vocab
@@ -75,8 +75,9 @@ def main() -> None:
 def sweep_rerank(args, model, checkpoints, features, records) -> None:
     import torch
 
-    from captioner.evaluation import build_memory
-    from captioner.rerank import RerankConfig, rerank
+    from captioner.config import RerankConfig
+    from captioner.decoding.memory import build_memory
+    from captioner.decoding.rerank import rerank
 
     if len(checkpoints) > 1:
         raise SystemExit("--rerank takes one checkpoint")

@@ -5,7 +5,7 @@
 #   3. with SCST_EPOCHS > 0, fine-tune that model with self-critical training (reward CIDEr-D), again
 #      keeping the best epoch by val CIDEr-D (epoch 0, the starting model, competes too),
 #   4. with FINETUNE_EPOCHS > 0 (default 2), fine-tune the CNN together with that decoder on the images
-#      (`captioner finetune`), kept only if an epoch beats the starting model on val CIDEr-D (else its
+#      (`captioner train --objective finetune`), kept only if an epoch beats the starting model on val CIDEr-D (else its
 #      best.safetensors is that starting model),
 #   5. with TEXT_CORPUS (default ../shared/data/coco-text when it exists; "" skips it) and TEXT_EPOCHS > 0,
 #      teach that model the words and sentences of everyday photos from captions without photos: cache the
@@ -32,20 +32,21 @@ captioner train --data "$data" --features "$features" --out "$run" --resume "${@
 best="$run/best.safetensors"
 if [ "${SCST_EPOCHS:-0}" -gt 0 ]; then
   # shellcheck disable=SC2086  # SCST_ARGS is a list of flags
-  captioner train --scst --init-from "$best" --data "$data" --features "$features" --out "$run-scst" --resume \
+  captioner train --objective scst --init-from "$best" --data "$data" --features "$features" --out "$run-scst" \
+      --resume \
       --epochs "$SCST_EPOCHS" ${SCST_ARGS:-}
   best="$run-scst/best.safetensors"
 fi
 if [ "${FINETUNE_EPOCHS:-2}" -gt 0 ]; then
   # shellcheck disable=SC2086  # FINETUNE_ARGS is a list of flags
-  captioner finetune "$best" --data "$data" --out "$run-finetune" --resume --epochs "${FINETUNE_EPOCHS:-2}" \
-      ${FINETUNE_ARGS:-}
+  captioner train --objective finetune --init-from "$best" --data "$data" --out "$run-finetune" --resume \
+      --epochs "${FINETUNE_EPOCHS:-2}" ${FINETUNE_ARGS:-}
   if [ -f "$run-finetune/best.safetensors" ]; then best="$run-finetune/best.safetensors"; fi
 fi
 text_corpus=${TEXT_CORPUS-$(dirname "$data")/coco-text}
 if [ -z "${TEXT_CORPUS+set}" ] && [ ! -e "$text_corpus" ]; then text_corpus=""; fi  # the default, when absent
 if [ -n "$text_corpus" ] && [ "${TEXT_EPOCHS:-3}" -gt 0 ]; then
-  captioner features --data "$data" --from-checkpoint "$best" --out "$run-features-$short-own"
+  captioner features --data "$data" --checkpoint "$best" --out "$run-features-$short-own"
   # shellcheck disable=SC2086  # TEXT_ARGS is a list of flags
   captioner train --init-from "$best" --text-corpus "$text_corpus" --data "$data" \
       --features "$run-features-$short-own" --out "$run-text" --resume --epochs "${TEXT_EPOCHS:-3}" \

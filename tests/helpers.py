@@ -78,14 +78,14 @@ def random_caption_records(count: int, split: str, seed: int, feature_dim: int =
 
 def train_on_random_captions(out_dir: Path, device, amp: str | None = None, epochs: int = 4):
     """A small training run on random captions (48 train, 8 val): (best checkpoint path, log entries)."""
-    from captioner.config import DecodeConfig, TrainConfig
+    from captioner.config import DecodeConfig, ModelConfig, TrainConfig
     from captioner.train import LOG, train
 
     train_records, train_features = random_caption_records(48, "train", 0)
     val_records, val_features = random_caption_records(8, "val", 1)
     config = TrainConfig(epochs=epochs, batch_size=16, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10,
                          seed=3, val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
+    model = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.0)
     best = train(train_records, train_features, val_records, val_features, out_dir, model, config,
                  encoder={"encoder": "test"}, progress=False, device=device, amp=amp)
     return best, [json.loads(line) for line in (Path(out_dir) / LOG).read_text().splitlines()]

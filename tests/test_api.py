@@ -28,8 +28,8 @@ def test_default_captions_name_the_recognised_concept(captioner):
 
 def test_concepts_off_gives_the_plain_captions(captioner):
     from captioner.config import DecodeConfig
+    from captioner.decoding import decode_features
     from captioner.features import encode_images
-    from captioner.inference import decode_features
 
     result = captioner.caption(CAT, n_best=2, concept_threshold=None)[0]
     assert result.concepts == [] and all(c.constraints_met is None for c in result.captions)

@@ -107,7 +107,7 @@ def test_a_group_of_rows_is_one_write_call(tmp_path, monkeypatch, suffix):
     import os
 
     from captioner.apps.batch import result_row
-    from captioner.inference import Caption
+    from captioner.decoding import Caption
 
     writes = []
     real_write = os.write

@@ -1,5 +1,7 @@
-"""Constrained beam search on a fake step model whose log-probs come from random tables, checked against
-brute-force enumeration of every caption, against the plain beam search, and one image at a time."""
+"""Beam search with constraints (`beam_search(constraints=)`) on a fake step model whose log-probs come from
+random tables, checked against brute-force enumeration of every caption, against the plain beam search,
+and one image at a time. An image without constraints is searched as plain beam search (constraints_met
+None); one with constraints gets True, or False with the plain captions when none meeting them exists."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import pytest
 import torch
 
 from captioner.config import DecodeConfig
-from captioner.constrained import constrained_beam_search
 from captioner.decoding import beam_search
 
 PAD, START, END = 0, 1, 2
@@ -110,13 +111,13 @@ def test_wide_beam_equals_brute_force(length_penalty, ngram):
     tables = make_tables(len(CONSTRAINTS), seed=7 + ngram + int(10 * length_penalty))
     config = DecodeConfig(beam_size=beam_size, n_best=beam_size, max_length=max_length,
                           length_penalty=length_penalty, no_repeat_ngram_size=ngram)
-    results = constrained_beam_search(ToyModel(tables), features(len(CONSTRAINTS)), config, START, END,
-                                      CONSTRAINTS, SUPPRESS)
+    results = beam_search(ToyModel(tables), features(len(CONSTRAINTS)), config, START, END, SUPPRESS,
+                          constraints=CONSTRAINTS)
     for image, constraints in enumerate(CONSTRAINTS):
         expected = brute_force(tables, image, config, constraints)[:beam_size]
         assert expected, "the toy set-up should allow captions meeting the constraints"
         assert_matches(results[image], expected, f"image {image}, constraints {constraints}")
-        assert all(h.constraints_met for h in results[image])
+        assert all(h.constraints_met is (True if constraints else None) for h in results[image])
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 0.5])
@@ -127,13 +128,13 @@ def test_narrow_beams_meet_the_constraints(length_penalty):
         tables = make_tables(len(CONSTRAINTS), seed=beam_size * 10 + max_length, end_bias=1.0)
         config = DecodeConfig(beam_size=beam_size, n_best=beam_size, max_length=max_length,
                               length_penalty=length_penalty)
-        results = constrained_beam_search(ToyModel(tables), features(len(CONSTRAINTS)), config, START, END,
-                                          CONSTRAINTS, SUPPRESS)
+        results = beam_search(ToyModel(tables), features(len(CONSTRAINTS)), config, START, END, SUPPRESS,
+                              constraints=CONSTRAINTS)
         for image, constraints in enumerate(CONSTRAINTS):
             best = brute_force(tables, image, config, constraints)[0][0]
             assert results[image], f"image {image}"
             for h in results[image]:
-                assert h.constraints_met
+                assert h.constraints_met is (True if constraints else None)
                 assert all(set(h.tokens) & set(c) for c in constraints)
                 assert h.score <= best + 1e-5
                 code, log_prob = next_code(0, START), 0.0
@@ -152,11 +153,11 @@ def test_without_constraints_it_is_the_plain_beam_search(beam_size, n_best, leng
     config = DecodeConfig(beam_size=beam_size, n_best=n_best, max_length=6, length_penalty=length_penalty,
                           no_repeat_ngram_size=ngram)
     plain = beam_search(ToyModel(tables), features(4), config, START, END, SUPPRESS)
-    constrained = constrained_beam_search(ToyModel(tables), features(4), config, START, END, [[]] * 4, SUPPRESS)
+    constrained = beam_search(ToyModel(tables), features(4), config, START, END, SUPPRESS, constraints=[[]] * 4)
     for image in range(4):
         assert [(h.tokens, h.log_prob, h.score, h.finished) for h in constrained[image]] == \
                [(h.tokens, h.log_prob, h.score, h.finished) for h in plain[image]]  # exactly
-        assert all(h.constraints_met for h in constrained[image])
+        assert all(h.constraints_met is None for h in constrained[image])
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
@@ -164,11 +165,11 @@ def test_a_batch_gives_what_each_image_gets_alone(beam_size):
     """Images with 0, 1 and 2 constraints share one search; each must get what it gets searched alone."""
     tables = make_tables(len(CONSTRAINTS), seed=3, end_bias=0.5)
     config = DecodeConfig(beam_size=beam_size, n_best=beam_size, max_length=7, length_penalty=0.5)
-    together = constrained_beam_search(ToyModel(tables), features(len(CONSTRAINTS)), config, START, END,
-                                       CONSTRAINTS, SUPPRESS)
+    together = beam_search(ToyModel(tables), features(len(CONSTRAINTS)), config, START, END, SUPPRESS,
+                           constraints=CONSTRAINTS)
     for image, constraints in enumerate(CONSTRAINTS):
-        alone = constrained_beam_search(ToyModel(tables), features(len(CONSTRAINTS))[image:image + 1], config,
-                                        START, END, [constraints], SUPPRESS)
+        alone = beam_search(ToyModel(tables), features(len(CONSTRAINTS))[image:image + 1], config,
+                            START, END, SUPPRESS, constraints=[constraints])
         assert_same(together[image], alone[0], f"image {image}")
 
 
@@ -176,7 +177,7 @@ def test_unmet_constraints_fall_back_to_the_plain_caption_and_say_so():
     tables = make_tables(3, seed=5)
     config = DecodeConfig(beam_size=3, n_best=2, max_length=1)  # one token: two constraints cannot fit
     constraints = [[[3], [4]], [[3]], [[PAD]]]  # the third asks for a suppressed token
-    results = constrained_beam_search(ToyModel(tables), features(3), config, START, END, constraints, SUPPRESS)
+    results = beam_search(ToyModel(tables), features(3), config, START, END, SUPPRESS, constraints=constraints)
     plain = beam_search(ToyModel(tables), features(3), config, START, END, SUPPRESS)
     for image in (0, 2):
         assert [h.constraints_met for h in results[image]] == [False] * len(plain[image])
@@ -187,12 +188,12 @@ def test_unmet_constraints_fall_back_to_the_plain_caption_and_say_so():
 def test_bad_constraints_are_refused():
     model, config = ToyModel(make_tables(1, seed=0)), DecodeConfig(beam_size=2, max_length=3)
     with pytest.raises(ValueError, match="at most 2"):
-        constrained_beam_search(model, features(1), config, START, END, [[[3], [4], [5]]], SUPPRESS)
+        beam_search(model, features(1), config, START, END, SUPPRESS, constraints=[[[3], [4], [5]]])
     with pytest.raises(ValueError, match="no token ids"):
-        constrained_beam_search(model, features(1), config, START, END, [[[]]], SUPPRESS)
+        beam_search(model, features(1), config, START, END, SUPPRESS, constraints=[[[]]])
     with pytest.raises(ValueError, match="not words"):
-        constrained_beam_search(model, features(1), config, START, END, [[[END]]], SUPPRESS)
+        beam_search(model, features(1), config, START, END, SUPPRESS, constraints=[[[END]]])
     with pytest.raises(ValueError, match="not words"):
-        constrained_beam_search(model, features(1), config, START, END, [[[VOCAB]]], SUPPRESS)
+        beam_search(model, features(1), config, START, END, SUPPRESS, constraints=[[[VOCAB]]])
     with pytest.raises(ValueError, match="2 lists for 1 images"):
-        constrained_beam_search(model, features(1), config, START, END, [[], []], SUPPRESS)
+        beam_search(model, features(1), config, START, END, SUPPRESS, constraints=[[], []])

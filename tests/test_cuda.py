@@ -32,17 +32,16 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _model(impl: str = "nn", **overrides) -> CaptionDecoder:
+def _model(**overrides) -> CaptionDecoder:
     torch.manual_seed(0)
     settings = {"vocab_size": 40, "feature_dim": 32, "embed_dim": 24, "hidden_dim": 48, "image_dim": 16,
                 "dropout": 0.0, **overrides}
-    return CaptionDecoder(ModelConfig(**settings), lstm_impl=impl).eval()
+    return CaptionDecoder(ModelConfig(**settings)).eval()
 
 
-@pytest.mark.parametrize("impl", ["nn", "loop"])
 @pytest.mark.parametrize("settings", [{}, {"num_layers": 2}, {"image_input": "first", "image_dim": 24}])
-def test_teacher_forced_logits_match_the_cpu(impl, settings):
-    model = _model(impl, **settings)
+def test_teacher_forced_logits_match_the_cpu(settings):
+    model = _model(**settings)
     features, captions, lengths = decoder_batch(feature_dim=32)
     with torch.no_grad():
         cpu_logits, cpu_targets = model(features, captions, lengths)

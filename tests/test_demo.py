@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import torch
 
 from captioner.apps.demo import (
     EXAMPLES_DIR,
@@ -125,10 +126,20 @@ def test_predict_explains_bad_uploads(captioner, tmp_path):
 
 
 # ------------------------------------------------------------------------------- batched requests
+class CountingModule(torch.nn.Module):
+    """The CNN, noting the size of every batch it is given (its ImageNet head stays reachable for concepts)."""
+
+    def __init__(self, cnn: torch.nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.cnn, self.sizes = cnn, sizes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(images))
+        return self.cnn(images)
+
+
 def test_predict_batch_answers_each_request_as_predict_does_with_one_cnn_batch(captioner, example, tmp_path,
                                                                                 monkeypatch):
-    import captioner.apps.demo as demo_module
-
     photos = example_paths()
     not_a_photo = tmp_path / "notes.jpg"
     not_a_photo.write_text("not a photo")
@@ -144,10 +155,8 @@ def test_predict_batch_answers_each_request_as_predict_does_with_one_cnn_batch(c
              for r in requests]
 
     cnn_batches, decoder_calls = [], []
-    encode_images = demo_module.encode_images  # the demo's route to the CNN
     caption_features = type(captioner).caption_features
-    monkeypatch.setattr(demo_module, "encode_images", lambda images, encoder, **options: cnn_batches.append(
-        len(images)) or encode_images(images, encoder, **options))
+    monkeypatch.setattr(captioner.encoder, "model", CountingModule(captioner.encoder.model, cnn_batches))
     monkeypatch.setattr(type(captioner), "caption_features", lambda self, features, config: decoder_calls.append(
         (config.strategy, len(features))) or caption_features(self, features, config))
     together = predict_batch(captioner, requests)
@@ -190,27 +199,26 @@ def test_app_door_passes_its_arguments_to_launch(monkeypatch):
     door = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(door)
     from captioner.apps.cli import main
-    from captioner.config import DecodeConfig
+    from captioner.config import DecodeConfig, RerankConfig
     from captioner.images import DEFAULT_MAX_PIXELS
-    from captioner.rerank import RerankConfig
 
     # demo/app.py is `captioner demo`: the same entry point, so the same flags (the --rerank-* ones too)
     assert door.main(["--checkpoint", "ck.safetensors", "--port", "7999", "--memory", "m.safetensors",
                       "--rerank-candidates", "8"]) == 0
     assert door.main([]) == 0
     limit = DEFAULT_MAX_PIXELS
-    concepts = {"concept_threshold": DecodeConfig().concept_threshold, "max_constraints": DecodeConfig().max_constraints}
     assert calls == [(("ck.safetensors",), {"host": "127.0.0.1", "port": 7999, "share": False, "memory": "m.safetensors",
-                                            "rerank": RerankConfig(candidates=8), "max_pixels": limit, **concepts}),
+                                            "rerank": RerankConfig(candidates=8), "max_pixels": limit,
+                                            "decoding": DecodeConfig()}),
                      ((None,), {"host": "127.0.0.1", "port": 7860, "share": False, "memory": None, "rerank": None,
-                                "max_pixels": limit, **concepts})]
+                                "max_pixels": limit, "decoding": DecodeConfig()})]
     calls.clear()
     assert main(["demo", "--checkpoint", "ck.safetensors", "--memory", "m.safetensors", "--rerank-candidates", "8"]) == 0
     assert calls[0][1]["memory"] == "m.safetensors" and calls[0][1]["rerank"] == RerankConfig(candidates=8)
     calls.clear()
-    assert door.main(["--concepts", "off"]) == 0 and calls[0][1]["concept_threshold"] is None
+    assert door.main(["--concepts", "off"]) == 0 and calls[0][1]["decoding"].concept_threshold is None
     assert main(["demo", "--concept-threshold", "0.6", "--max-constraints", "1"]) == 0
-    assert (calls[1][1]["concept_threshold"], calls[1][1]["max_constraints"]) == (0.6, 1)
+    assert calls[1][1]["decoding"] == DecodeConfig(concept_threshold=0.6, max_constraints=1)
 
 
 def test_the_answer_shows_the_recognised_concepts_unless_off(captioner):
@@ -221,14 +229,17 @@ def test_the_answer_shows_the_recognised_concepts_unless_off(captioner):
     assert all("cat" in row[1].split() for row in rows)
     greedy, _ = predict(captioner, str(cat), strategy="greedy", n_best=1)
     assert "**cat** 0." in greedy and "only beam search" in greedy
-    off_markdown, off_rows = predict(captioner, str(cat), strategy="beam", n_best=2, concept_threshold=None)
+    from captioner.config import DecodeConfig
+
+    off_markdown, off_rows = predict(captioner, str(cat), strategy="beam", n_best=2,
+                                     decoding=DecodeConfig(concept_threshold=None))
     assert "Recognised" not in off_markdown and off_rows != rows
     # the demo's batched handler gives every visitor the server's concept setting
-    assert BatchedPredictor(captioner, concept_threshold=None)(str(cat), "beam", 3, 1.0, 0, 2) == (off_markdown,
-                                                                                                 off_rows)
+    off = BatchedPredictor(captioner, decoding=DecodeConfig(concept_threshold=None))
+    assert off(str(cat), "beam", 3, 1.0, 0, 2) == (off_markdown, off_rows)
     assert BatchedPredictor(captioner)(str(cat), "beam", 3, 1.0, 0, 2) == (markdown, rows)
     # a photo with no confident concept says so
-    none_markdown, _ = predict(captioner, str(cat), strategy="beam", concept_threshold=1.0)
+    none_markdown, _ = predict(captioner, str(cat), strategy="beam", decoding=DecodeConfig(concept_threshold=1.0))
     assert "Recognised: nothing" in none_markdown.replace("\\", "")
 
 

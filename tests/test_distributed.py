@@ -21,12 +21,13 @@ from helpers import REPO_ROOT
 from PIL import Image
 
 from captioner import distributed
+from captioner.api import Captioner
 from captioner.apps import batch as batch_module
-from captioner.apps.batch import caption_paths
+from captioner.apps.batch import BatchOptions, caption_paths
 from captioner.apps.cli import main
 from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.config import DecodeConfig
-from captioner.inference import decode_features
+from captioner.decoding import decode_features
 from captioner.train import autocast_dtype, cpu_bf16_lstm_supported
 
 # Per-epoch mean token loss, 2 processes vs 1 with the same global batch, seed and dropout 0: the runs do
@@ -158,19 +159,19 @@ RESUME_SCRIPT = """
 import sys
 import torch
 from captioner import distributed
-from captioner.config import DecodeConfig, TrainConfig
+from captioner.config import DecodeConfig, ModelConfig, TrainConfig
 from captioner.data import load_dataset
 from captioner.checkpoint import load_checkpoint, read_raw
 from captioner.features import FeatureCache
-from captioner.inference import decode_features
-from captioner.evaluation import decode_across_ranks
+from captioner.decoding import decode_features
+from captioner.evaluation.validate import decode_across_ranks
 from captioner.train import train_on_cache
 
 data, images, features, out = sys.argv[1:5]
 dataset = load_dataset(data, images_dir=images)
 config = TrainConfig(epochs=3, batch_size=8, lr=0.2, seed=5, min_word_count=1,
                      val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.3}
+model = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.3)
 
 
 def stop(entry):
@@ -224,8 +225,9 @@ def test_sharded_captioning_equals_one_process_and_resumes(dataset, runs, tmp_pa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        status = caption_paths([str(folder)], checkpoint, DecodeConfig(strategy="beam", beam_size=2),
-                               output=str(expected_file), batch_size=3, device="cpu", progress=False)
+        status = caption_paths([str(folder)], Captioner.from_pretrained(checkpoint, device="cpu"),
+                               DecodeConfig(strategy="beam", beam_size=2),
+                               BatchOptions(output=expected_file, batch_size=3, progress=False))
     finally:
         torch.set_num_threads(threads)
     assert status == 1  # img_17.jpg is not an image
@@ -241,17 +243,19 @@ def test_sharded_captioning_equals_one_process_and_resumes(dataset, runs, tmp_pa
 
     # An interrupted sharded run, finished by one process (the same merge code, no torchrun start):
     # 4 rows already merged, 5 more in the rank file of a 3-process run.
+    captioner = Captioner.from_pretrained(checkpoint, device="cpu")
     resumed = tmp_path / "resumed.jsonl"
     resumed.write_text("".join(json.dumps(row) + "\n" for row in expected[:4]))
     batch_module.rank_file(resumed, 2).write_text("".join(json.dumps(row) + "\n" for row in expected[10:15]))
     with pytest.raises(ValueError, match="already exists; pass --resume"):
-        batch_module.caption_paths_sharded([str(folder)], checkpoint, DecodeConfig(strategy="beam", beam_size=2),
-                                          output=resumed, batch_size=3, device="cpu", progress=False)
+        batch_module.caption_paths_sharded([str(folder)], captioner, DecodeConfig(strategy="beam", beam_size=2),
+                                           BatchOptions(output=resumed, batch_size=3, progress=False))
     torch.set_num_threads(1)
     try:
-        status = batch_module.caption_paths_sharded([str(folder)], checkpoint,
-                                                   DecodeConfig(strategy="beam", beam_size=2), output=resumed,
-                                                   resume=True, batch_size=3, device="cpu", progress=False)
+        status = batch_module.caption_paths_sharded([str(folder)], captioner,
+                                                   DecodeConfig(strategy="beam", beam_size=2),
+                                                   BatchOptions(output=resumed, resume=True, batch_size=3,
+                                                                progress=False))
     finally:
         torch.set_num_threads(threads)
     assert status == 1
@@ -280,7 +284,7 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
         pytest.skip("this CPU's oneDNN has no bfloat16 LSTM (AVX2 only): the refusal is checked, training is not")
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
 
-    from captioner.config import TrainConfig
+    from captioner.config import ModelConfig, TrainConfig
     from captioner.data.records import CaptionRecord
     from captioner.train import train
 
@@ -293,8 +297,8 @@ def test_amp_rules_and_bf16_on_cpu(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(records, features, records[:2], features[:2], tmp_path, {"embed_dim": 8, "hidden_dim": 8,
-              "image_dim": 8}, config, progress=False, amp="bf16")
+        train(records, features, records[:2], features[:2], tmp_path, ModelConfig(embed_dim=8, hidden_dim=8,
+              image_dim=8), config, progress=False, amp="bf16")
     finally:
         torch.set_num_threads(threads)
     log = _log(tmp_path)

@@ -15,7 +15,7 @@ from captioner.checkpoint import load_checkpoint, read_raw, save_checkpoint
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
 from captioner.encoders import get_encoder, get_encoder_spec
-from captioner.evaluation import evaluate_checkpoint
+from captioner.evaluation.evaluate import EvaluationSettings, evaluate_checkpoint
 from captioner.features import record_features
 
 
@@ -63,13 +63,14 @@ def test_evaluation_runs_its_cnn_and_refuses_packaged_caches(own_cnn_checkpoint,
     dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
     records = dataset.split("test")
     with pytest.raises(ValueError, match="weights"):
-        evaluate_checkpoint(path, dataset, "test", DecodeConfig(), features_dir=tiny_run["features"], quiet=True)
+        evaluate_checkpoint(path, dataset, "test", DecodeConfig(),
+                            EvaluationSettings(features_dirs=(tiny_run["features"],), quiet=True))
     ours = record_features(records, {"encoder": "efficientnet_lite0", "weights_hash": weights_hash}, [], 16,
                            torch.device("cpu"), state)[1]
     packaged = record_features(records, {"encoder": "efficientnet_lite0"}, [tiny_run["features"]], 16,
                                torch.device("cpu"))[1]
     assert not torch.allclose(ours, packaged, atol=1e-2)
-    report = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), quiet=True)
+    report = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), EvaluationSettings(quiet=True))
     assert report["images"] == len(records) and 0 <= report["scores"]["CIDEr-D"]
 
 
@@ -101,10 +102,11 @@ def test_features_command_runs_the_checkpoints_own_cnn(own_cnn_checkpoint, tiny_
     assert torch.allclose(cache.get_batch([r.image_id for r in records]).float(), ours, atol=2e-2)
     # Given beside the packaged-weights cache, the cache of its own CNN is the one read.
     dataset = load_dataset(tiny_run["data"], images_dir=tiny_run["images"])
-    from_caches = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), quiet=True,
-                                      features_dir=[tiny_run["features"], tmp_path / "own"])
-    from_cnn = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), quiet=True)
+    from_caches = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), EvaluationSettings(
+        quiet=True, features_dirs=(tiny_run["features"], tmp_path / "own")))
+    from_cnn = evaluate_checkpoint(path, dataset, "test", DecodeConfig(), EvaluationSettings(quiet=True))
     assert from_caches["scores"] == from_cnn["scores"]
-    assert main(["features", *data, "--from-checkpoint", str(path), "--encoder", "efficientnet_lite0",
+    assert main(["features", *data, "--checkpoint", str(path), "--encoder", "efficientnet_lite0",
                  "--out", str(tmp_path / "both")]) == 2
-    assert "--from-checkpoint takes the CNN" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the first command used the old spelling, which still works
+    assert "--from-checkpoint is deprecated; use --checkpoint" in err and "--checkpoint takes the CNN" in err

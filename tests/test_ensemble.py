@@ -1,4 +1,4 @@
-"""Joint decoding of several checkpoints (captioner.ensemble) and `captioner evaluate` with an ensemble."""
+"""Joint decoding of several checkpoints (captioner.decoding.ensemble) and `captioner evaluate` with an ensemble."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from captioner.checkpoint import CheckpointError, save_checkpoint
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import decode
-from captioner.ensemble import EnsembleDecoder, load_ensemble
+from captioner.decoding.ensemble import EnsembleDecoder, load_ensemble
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 

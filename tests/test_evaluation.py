@@ -5,7 +5,7 @@ import json
 import pytest
 
 from captioner.apps.cli import main
-from captioner.evaluation import format_table
+from captioner.evaluation.evaluate import format_table
 from captioner.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.shared_data
@@ -121,8 +121,37 @@ def test_concepts_are_off_when_the_checkpoints_cnn_cannot_be_built():
 
     import torch
 
-    from captioner.evaluation import checkpoint_concept_logits
+    from captioner.evaluation.evaluate import checkpoint_concept_logits
 
     checkpoint = SimpleNamespace(encoder={"encoder": "no-such-cnn"}, encoder_state=None, path="ck.safetensors")
     logits, why = checkpoint_concept_logits(checkpoint, torch.zeros(2, 8))
     assert logits is None and "no-such-cnn" in why
+
+
+def test_the_concepts_off_row_decodes_only_the_constrained_images_again():
+    from captioner.concepts import Concept
+    from captioner.config import DecodeConfig
+    from captioner.data.records import CaptionRecord
+    from captioner.decoding import Caption
+    from captioner.evaluation.evaluate import concepts_section
+
+    records = [CaptionRecord(f"{i}.jpg", None, ["a dog runs on the grass", "a cat sits"], "test") for i in range(4)]
+    dog = [Concept("dog", 0.9)]
+    captions = [[Caption("a dog runs", -1.0, -1.0, True, concepts=dog, constraints_met=True)],
+                [Caption("a cat sits", -1.0, -1.0, True)],  # no concept: not constrained
+                [Caption("a dog sits", -1.0, -1.0, True, concepts=dog, constraints_met=False)],
+                [Caption("a cat runs", -1.0, -1.0, True, concepts=dog)]]  # greedy: reported, not constrained
+    decoded = []
+
+    def without_concepts(rows):
+        decoded.append(rows)
+        return [[Caption("a dog runs on the grass", -1.0, -1.0, True)] for _ in rows]
+
+    section = concepts_section(DecodeConfig(), records, captions, {}, without_concepts)
+    assert decoded == [[0, 2]]
+    assert (section["images_with_concepts"], section["images_constrained"], section["constraints_met"]) == (3, 2, 1)
+    assert set(section["scores_concepts_off"]) == set(METRIC_NAMES)
+    corpus = {m: 0.5 for m in METRIC_NAMES}
+    unconstrained = [captions[1], captions[3]]
+    assert concepts_section(DecodeConfig(), records[:2], unconstrained, corpus, without_concepts)[
+        "scores_concepts_off"] == corpus and decoded == [[0, 2]]  # nothing constrained: nothing decoded again

@@ -35,11 +35,18 @@ def _run(tiny_run, out, resume=False, stop_after=None):
                     resume=resume, progress=False, on_epoch_end=stop)
 
 
-def test_the_command_trains_the_cnn_and_the_result_loads_with_it(tiny_run, tmp_path):
+def test_the_command_trains_the_cnn_and_the_result_loads_with_it(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["finetune", str(tiny_run["checkpoint"]), "--data", str(tiny_run["data"]),
-                 "--images", str(tiny_run["images"]), "--out", str(out), "--epochs", "1", "--train-images", "8",
-                 "--val-images", "4", "--batch-images", "4", "--encoder-lr", "1e-3", "--warmup-steps", "1"]) == 0
+    data = ["--data", str(tiny_run["data"]), "--images", str(tiny_run["images"]), "--out", str(out)]
+    settings = ["--epochs", "1", "--train-images", "8", "--val-images", "4", "--batch-images", "4",
+                "--encoder-lr", "1e-3", "--warmup-steps", "1"]
+    assert main(["train", "--objective", "finetune", "--init-from", str(tiny_run["checkpoint"]), *data,
+                 *settings]) == 0
+    # the old spelling is the same run: it resumes this one (same settings), with a notice
+    assert main(["finetune", str(tiny_run["checkpoint"]), *data, *settings, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "captioner finetune: `captioner finetune CKPT` is deprecated; use `captioner train --objective " \
+           "finetune --init-from CKPT`" in err
     log = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0, 1] and log[1]["train_loss"] > 0
     assert (out / BEST).is_file() and (out / CURVES).is_file()

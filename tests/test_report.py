@@ -9,7 +9,7 @@ import re
 import pytest
 from PIL import Image
 
-from captioner.report import thumbnail_data_uri, write_html_report
+from captioner.evaluation.report import thumbnail_data_uri, write_html_report
 
 
 @pytest.fixture

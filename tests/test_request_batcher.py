@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from captioner.request_batcher import Busy, RequestBatcher
+from captioner.apps.request_batcher import Busy, RequestBatcher
 
 
 class Gate:

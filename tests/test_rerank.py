@@ -13,11 +13,12 @@ from helpers import REPO_ROOT
 from captioner.api import Captioner
 from captioner.apps.cli import main
 from captioner.checkpoint import atomic_save, load_checkpoint
-from captioner.config import DecodeConfig
+from captioner.config import DecodeConfig, RerankConfig
 from captioner.data.records import CaptionRecord
-from captioner.inference import Caption
+from captioner.decoding import Caption
+from captioner.decoding.memory import CaptionMemory, CaptionMemoryError
+from captioner.decoding.rerank import ConsensusReranker, rerank
 from captioner.metrics import CiderDReward
-from captioner.rerank import CaptionMemory, CaptionMemoryError, ConsensusReranker, RerankConfig, rerank
 from captioner.text import tokenize
 
 ENCODER = {"encoder": "efficientnet_lite0", "weights_hash": "abc"}

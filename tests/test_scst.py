@@ -415,7 +415,7 @@ def test_scst_keeps_the_checkpoints_own_cnn_and_refuses_a_cache_of_another(tmp_p
                           {"encoder": "test", "weights_hash": "abc"}, plain.info, encoder_state=cnn)
     records, features = _records("train")
     val_records, val_features = _records("val")
-    with pytest.raises(ValueError, match="captioner features --from-checkpoint"):
+    with pytest.raises(ValueError, match="captioner features --checkpoint"):
         train_scst(records, features, val_records, val_features, tmp_path / "bad", own, _config(1),
                    progress=False, features_encoder={"encoder": "test", "weights_hash": "def"})
     best = train_scst(records, features, val_records, val_features, tmp_path / "run", own, _config(1),

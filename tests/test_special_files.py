@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner import images
 from captioner.apps.batch import expand_inputs
 from captioner.apps.cli import main
-from captioner.image_files import read_descriptor
-from captioner.images import ImageLoadError, load_image
+from captioner.images import ImageLoadError, load_image, read_descriptor
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "demo" / "examples"
 # Short enough that a regression (opening the pipe) fails these tests quickly instead of hanging them.
@@ -143,7 +141,7 @@ def test_load_image_times_out_on_a_stalled_regular_file(tmp_path: Path, monkeypa
             release.wait(30)
         return real_read(descriptor, size)
 
-    monkeypatch.setattr(images.os, "read", stalling_read)
+    monkeypatch.setattr(os, "read", stalling_read)  # read_image_file reads with os.read
     try:
         with pytest.raises(ImageLoadError, match="timed out reading") as caught:
             load_image(path, read_timeout=0.3)

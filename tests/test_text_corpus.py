@@ -115,7 +115,7 @@ def test_training_from_a_checkpoint_grows_its_vocabulary_and_keeps_its_cnn(tmp_p
     val_records, val_features = random_caption_records(8, "val", 1)
     config = TrainConfig(epochs=4, batch_size=16, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10, seed=3,
                          val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
+    model = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.0)
     first = train(train_records, train_features, val_records, val_features, tmp_path / "first", model, config,
                   encoder={"encoder": "test", "weights_hash": "abc"}, progress=False)
     extra, extra_features = random_caption_records(16, "train", 5)
@@ -138,10 +138,10 @@ def test_warm_start_refuses_features_of_another_cnn(tmp_path):
     train_records, train_features = random_caption_records(16, "train", 0)
     config = TrainConfig(epochs=1, batch_size=16, min_word_count=1, seed=3,
                          val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
+    model = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.0)
     first = train(train_records, train_features, train_records[:4], train_features[:4], tmp_path / "first", model,
                   config, encoder={"encoder": "test", "weights_hash": "abc"}, progress=False)
-    with pytest.raises(ValueError, match="feature cache was made with def"):
+    with pytest.raises(ValueError, match="feature cache was made with test \\(weights hash def\\)"):
         train(train_records, train_features, train_records[:4], train_features[:4], tmp_path / "second", None,
               config, encoder={"encoder": "test", "weights_hash": "def"}, progress=False, init_checkpoint=first)
 
@@ -154,7 +154,7 @@ def test_a_warm_started_run_resumes_and_refuses_to_resume_without_its_checkpoint
     val = (train_records[:4], train_features[:4])
     config = TrainConfig(epochs=2, batch_size=16, lr=5e-3, warmup_steps=2, min_word_count=1, patience=10, seed=3,
                          val_decode=DecodeConfig(strategy="beam", beam_size=2, max_length=8))
-    model = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.0}
+    model = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.0)
     encoder = {"encoder": "test", "weights_hash": "abc"}
     first = train(train_records, train_features, *val, tmp_path / "first", model, config, encoder=encoder,
                   progress=False)

@@ -29,7 +29,7 @@ class Scripted(Objective):
     def __init__(self, scores: list[float], config: TrainConfig) -> None:
         self.scores, self.config, self.validated = scores, config, 0
 
-    def prepare(self, device: torch.device, amp: str | None) -> None:
+    def prepare(self, device: torch.device, amp: str | None, initial: object) -> None:
         self.vocab = Vocabulary.build([["a", "dog"]], min_count=1)
         self.model = CaptionDecoder(ModelConfig(vocab_size=len(self.vocab), feature_dim=4, embed_dim=4,
                                                 hidden_dim=4, image_dim=4))

@@ -18,7 +18,7 @@ def _config(epochs=3, ema_decay=0.0):
                        ema_decay=ema_decay)
 
 
-MODEL = {"embed_dim": 16, "hidden_dim": 24, "image_dim": 16, "dropout": 0.2}
+MODEL = ModelConfig(embed_dim=16, hidden_dim=24, image_dim=16, dropout=0.2)
 
 
 def _run(out_dir, epochs=3, resume=False, stop_after=None, ema_decay=0.0):
@@ -61,6 +61,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
             assert torch.equal(value, resumed[key]), key
     log = (tmp_path / "interrupted" / LOG).read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_run_saved_with_the_old_validation_settings_resumes(tmp_path):
+    """Runs saved before validation recorded the truth say concept_threshold 0.3 in their val_decode (it
+    never ran: validation has no concepts); they read back as None and resume."""
+    from safetensors.torch import save_file
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, stop_after=1)
+    tensors, metadata = read_raw(tmp_path / LAST)
+    info = json.loads(metadata["info"])
+    assert info["val_decode"]["concept_threshold"] is None is info["train_config"]["val_decode"]["concept_threshold"]
+    info["val_decode"]["concept_threshold"] = info["train_config"]["val_decode"]["concept_threshold"] = 0.3
+    save_file(tensors, str(tmp_path / LAST), metadata={**metadata, "info": json.dumps(info)})
+    _run(tmp_path, resume=True)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / LOG).read_text().splitlines()] == [1, 2, 3]
 
 
 @pytest.mark.slow

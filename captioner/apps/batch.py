@@ -1,9 +1,10 @@
 """Caption files, folders and globs in batches: `captioner caption PATH...`.
 
-A DataLoader loads and preprocesses the images (with threads on the CPU, worker processes beside a GPU);
-the CNN runs per loaded batch and the batched decoder per group of batches. An unreadable file becomes
-an error row (path and reason, also on stderr) and the rest continue. Results are appended and flushed after each decoded group (128 images by default), so a crash
-loses at most the group in flight, and `--resume` skips images already in the output file.
+This door finds the files (`expand_inputs`), runs them through the library's one pipeline
+(`Captioner.stream`: loading, CNN per batch, the batched decoder per group of batches) and writes the rows.
+An unreadable file becomes an error row (path and reason, also on stderr) and the rest continue. Results
+are appended and flushed after each decoded group (128 images by default), so a crash loses at most the
+group in flight, and `--resume` skips images already in the output file.
 
 Under torchrun, `caption_paths_sharded` gives each rank a share of the images and merges the shares into
 one output file.
@@ -18,20 +19,17 @@ import csv
 import glob
 import io
 import json
-import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from captioner import distributed
 from captioner.api import Captioner
-from captioner.config import DecodeConfig, RerankConfig
-from captioner.features.encode import encoded_batches
-from captioner.image_files import not_a_regular_file
+from captioner.config import DecodeConfig
+from captioner.images import not_a_regular_file
 from captioner.utils import progress_bar, write_text_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".heic",
@@ -86,15 +84,21 @@ class ResultWriter:
     .json atomically per group; reads back what an earlier run wrote, for --resume."""
 
     def __init__(self, path: str | Path, resume: bool):
-        self.path = Path(path)
+        self.path = self.check_output(path, resume)
         self.format = self.path.suffix.lower().lstrip(".")
-        if self.format not in ("jsonl", "csv", "json"):
-            raise ValueError(f"--output {self.path}: use a .jsonl, .csv or .json file")
-        if self.path.exists() and not resume:
-            raise ValueError(f"--output {self.path} already exists; pass --resume to continue it, or choose "
-                             "another name (nothing is overwritten)")
         self.rows: list[dict[str, Any]] = self._read_existing() if self.path.exists() else []
         self.done = {row["image"] for row in self.rows}
+
+    @staticmethod
+    def check_output(path: str | Path, resume: bool) -> Path:
+        """Refuse an output file of an unknown format, or one that exists without `resume`."""
+        path = Path(path)
+        if path.suffix.lower() not in (".jsonl", ".csv", ".json"):
+            raise ValueError(f"--output {path}: use a .jsonl, .csv or .json file")
+        if path.exists() and not resume:
+            raise ValueError(f"--output {path} already exists; pass --resume to continue it, or choose "
+                             "another name (nothing is overwritten)")
+        return path
 
     def _read_existing(self) -> list[dict[str, Any]]:
         # newline="": CSV rows end in \r\n, kept as written; surrogateescape: CSV keeps raw file names.
@@ -178,28 +182,30 @@ def result_row(image: str, captions: list | None = None, error: str | None = Non
 
 
 # ------------------------------------------------------------------------------------------ run
-def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner | None, config: DecodeConfig, output: str | None = None,
-                  recursive: bool = False, resume: bool = False, batch_size: int = 32, num_workers: int | None = None,
-                  device: str = "auto", progress: bool = True, decode_batch_size: int = 128,
-                  memory: str | Path | None = None, rerank: RerankConfig | None = None,
-                  max_pixels: int | None = None) -> int:
-    """Caption every image named by `inputs`; returns the exit status (0 all ok, 1 some failed).
+@dataclass(frozen=True)
+class BatchOptions:
+    """How `captioner caption` reads, batches and writes (the model and the decoding settings come apart)."""
 
-    `checkpoint`: a checkpoint path (None: the shipped one), or a `Captioner` already loaded (then `device`
-    is ignored).
-    `batch_size` images go through the CNN at a time; their features are decoded `decode_batch_size` (or
-    more) at a time, and the results of each decoded group are written before the next is loaded.
-    `memory`, `rerank`: consensus re-ranking of beam candidates (`Captioner.from_pretrained`).
-    `max_pixels`: the most pixels decoded per image (default: the Captioner's, see `load_image`)."""
-    paths, problems = expand_inputs(inputs, recursive)
-    writer = ResultWriter(output, resume) if output else None
-    captioner = (checkpoint if isinstance(checkpoint, Captioner)
-                 else Captioner.from_pretrained(checkpoint, device=device, memory=memory, rerank=rerank))
+    output: str | Path | None = None  # .jsonl, .csv or .json; None: print
+    recursive: bool = False  # descend into sub-folders
+    resume: bool = False  # skip images already in `output`
+    batch_size: int = 32  # images per CNN batch
+    decode_batch_size: int = 128  # images decoded together; results are written after each such group
+    num_workers: int | None = None  # image loading processes (None: chosen for the device)
+    progress: bool = True
+
+
+def caption_paths(inputs: list[str], captioner: Captioner, config: DecodeConfig,
+                  options: BatchOptions = BatchOptions()) -> int:
+    """Caption every image named by `inputs` through the pipeline (`Captioner.stream`); returns the exit
+    status (0 all ok, 1 some failed). The results of each decoded group are written before the next is
+    loaded."""
+    paths, problems = expand_inputs(inputs, options.recursive)
+    writer = ResultWriter(options.output, options.resume) if options.output else None
     if writer is not None and writer.done:
         before = len(paths)
         paths = [p for p in paths if p not in writer.done]
         print(f"resuming: {before - len(paths)} images already in {writer.path}", file=sys.stderr)
-
     failures = 0
 
     def emit(rows: list[dict[str, Any]]) -> None:
@@ -216,32 +222,12 @@ def caption_paths(inputs: list[str], checkpoint: str | Path | Captioner | None, 
             writer.write(rows)
 
     emit([result_row(item, error=problem) for item, problem in problems])
-    batches = encoded_batches(paths, captioner.encoder, batch_size=batch_size, num_workers=num_workers,
-                              max_pixels=captioner.max_pixels if max_pixels is None else max_pixels)
-    bar = progress_bar(batches, desc="captioning", enabled=progress, total=math.ceil(len(paths) / batch_size),
-                       unit="batch")
-    # The CNN runs per loader batch; the decoder waits for `decode_batch_size` features (several loader
-    # batches), because batched beam search gains more from large batches than the CNN does.
-    rows: dict[int, dict[str, Any]] = {}
-    waiting: list[tuple[list[int], Any]] = []  # (indices, features) not decoded yet
-
-    def decode_waiting() -> None:
-        if waiting:
-            indices = [index for batch_indices, _ in waiting for index in batch_indices]
-            features = torch.cat([batch_features for _, batch_features in waiting])
-            for index, captions in zip(indices, captioner.caption_features(features, config), strict=True):
-                rows[index] = result_row(paths[index], captions)
-            waiting.clear()
-        emit([rows[i] for i in sorted(rows)])
-        rows.clear()
-
-    for batch in bar:
-        rows.update({index: result_row(paths[index], error=reason) for index, reason in batch.failures})
-        if batch.indices:
-            waiting.append((batch.indices, batch.features))
-        if sum(len(indices) for indices, _ in waiting) >= decode_batch_size:
-            decode_waiting()
-    decode_waiting()
+    bar = progress_bar(None, desc="captioning", enabled=options.progress, total=len(paths), unit="img")
+    with bar:
+        for group in captioner.stream(paths, config, batch_size=options.batch_size,
+                                      decode_batch_size=options.decode_batch_size, num_workers=options.num_workers):
+            emit([result_row(paths[item.index], item.captions, item.error) for item in group])
+            bar.update(len(group))
     total = len(paths) + len(problems)
     print(f"captioned {total - failures} of {total} images" + (f"; {failures} failed" if failures else "")
           + (f"; results in {writer.path}" if writer else ""), file=sys.stderr)
@@ -264,26 +250,32 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
 
 
-def caption_paths_sharded(inputs: list[str], checkpoint: str | Path | None, config: Any, output: str | Path | None,
-                          recursive: bool = False, resume: bool = False, batch_size: int = 32,
-                          num_workers: int | None = None, device: str = "auto", progress: bool = True,
-                          decode_batch_size: int = 128, memory: str | Path | None = None,
-                          max_pixels: int | None = None) -> int:
-    """`captioner caption` under torchrun: rank k captions its share of the images into
-    `<output>.rank<k>.jsonl`, then rank 0 merges the shares into `output` in input order and deletes them.
-
-    `--resume` skips images in `output` and in rank files left by an interrupted sharded run (whatever
-    its number of processes). Every rank returns the same exit status (0 all captioned, 1 some failed).
-    """
+def check_sharded(output: str | Path | None, memory: str | Path | None) -> Path:
+    """What `captioner caption` under torchrun needs, checked on every rank before any loading or waiting:
+    an --output to merge into, of a known format, and no --memory."""
     if memory is not None:
         raise ValueError("--memory runs in one process; start it without torchrun")
     if output is None:
         raise ValueError("under torchrun, `captioner caption` needs --output: every process writes its share "
                          "of the images and rank 0 merges them into that file")
     output = Path(output)
-    if output.suffix.lower() not in (".jsonl", ".csv", ".json"):  # checked on every rank, before any waits
+    if output.suffix.lower() not in (".jsonl", ".csv", ".json"):
         raise ValueError(f"--output {output}: use a .jsonl, .csv or .json file")
-    paths, problems = expand_inputs(inputs, recursive)
+    return output
+
+
+def caption_paths_sharded(inputs: list[str], captioner: Captioner, config: DecodeConfig,
+                          options: BatchOptions) -> int:
+    """`captioner caption` under torchrun: rank k captions its share of the images into
+    `<output>.rank<k>.jsonl`, then rank 0 merges the shares into `options.output` in input order and
+    deletes them.
+
+    `--resume` skips images in the output and in rank files left by an interrupted sharded run (whatever
+    its number of processes). Every rank returns the same exit status (0 all captioned, 1 some failed).
+    """
+    output = check_sharded(options.output, None)
+    resume, batch_size = options.resume, options.batch_size
+    paths, problems = expand_inputs(inputs, options.recursive)
     leftovers = _rank_files(output)
     if not resume and (output.exists() or leftovers):
         existing = output if output.exists() else leftovers[0]
@@ -298,10 +290,9 @@ def caption_paths_sharded(inputs: list[str], checkpoint: str | Path | None, conf
     done = distributed.broadcast_object(done)
     todo = [path for path in paths if path not in done]
     mine = [todo[position] for position in distributed.shard_batches(len(todo), batch_size)]
-    status = caption_paths(mine, checkpoint=checkpoint, config=config, output=str(rank_file(output, distributed.rank())),
-                           resume=True, batch_size=batch_size, num_workers=num_workers, device=device,
-                           progress=progress and distributed.is_main(), decode_batch_size=decode_batch_size,
-                           max_pixels=max_pixels)
+    status = caption_paths(mine, captioner, config, replace(
+        options, output=rank_file(output, distributed.rank()), recursive=False, resume=True,
+        progress=options.progress and distributed.is_main()))
     statuses = distributed.all_gather_object(status)
     if distributed.is_main():
         writer = ResultWriter(output, resume=True)

@@ -1,5 +1,5 @@
-"""`captioner <command>`: argument parsing only; each command is a function of `captioner.apps.commands`,
-which calls into the library.
+"""`captioner <command>`: argument parsing only; each command is a function of `captioner.apps.commands`
+(`train` and the deprecated `finetune`: `captioner.apps.training`), which calls into the library.
 
 Exit status: 0 success; 1 the job ran but some inputs failed (e.g. unreadable images); 2 bad usage
 or unusable inputs (a missing checkpoint, a broken data file).
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from captioner.apps import commands
+from captioner.apps import commands, training
+from captioner.apps.training import OBJECTIVES
 from captioner.config import (
     MAX_CONSTRAINTS,
     DecodeConfig,
@@ -74,6 +76,85 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
              f"are decoded at 1/2, 1/4 or 1/8 scale to fit (up to {JPEG_HEADER_FACTOR}× N pixels in the header, "
              f"{PROGRESSIVE_JPEG_HEADER_FACTOR}× N for progressive JPEGs, whose decoder holds 3-6 bytes per "
              "header pixel); other formats larger than N are refused as possible decompression bombs")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """`captioner train`'s flags. Those that only some objectives use default to None (unset), so that the
+    command can refuse one the chosen objective would ignore; unset means the objective's own default."""
+    defaults, model, scst, finetune = TrainConfig(), ModelConfig(), ScstConfig(), FinetuneConfig()
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="what the run optimises: xe, cross-entropy on cached features (default); scst, self-critical "
+                        "CIDEr-D rewards on cached features, from --init-from; finetune, the CNN and the decoder "
+                        "together on the images, from --init-from")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from this trained checkpoint (its decoder shape and CNN; a feature cache must come "
+                        "from that CNN): xe grows it to the new vocabulary; scst and finetune need it")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, log, curves)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--features", default=None, help="feature cache made by `captioner features` (xe, scst)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default: {defaults.epochs} (xe), {scst.epochs} (scst), {finetune.epochs} (finetune)")
+    p.add_argument("--lr", type=float, default=None, help=f"default: {defaults.lr} (xe), {scst.lr} (scst)")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help=f"default {defaults.label_smoothing} (xe, finetune)")
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"epochs without val CIDEr-D gain before stopping (default: {defaults.patience} xe, "
+                        f"{scst.patience} scst, {finetune.patience} finetune)")
+    p.add_argument("--seed", type=int, default=None, help=f"default {defaults.seed}")
+    p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
+    p.add_argument("--val-beam-size", type=int, default=None, help=f"default {defaults.val_decode.beam_size}")
+    xe = p.add_argument_group("cross-entropy training (--objective xe)")
+    xe.add_argument("--batch-size", type=int, default=None,
+                    help=f"captions per update over all processes (under torchrun each takes its share; default "
+                         f"{defaults.batch_size})")
+    xe.add_argument("--min-word-count", type=int, default=None, help=f"default {defaults.min_word_count}")
+    xe.add_argument("--ema-decay", type=float, default=None,
+                    help="> 0: validate and keep an exponential moving average of the weights with this decay "
+                         "per update (e.g. 0.999); the raw weights are scored too, as val_raw in log.jsonl")
+    xe.add_argument("--embed-dim", type=int, default=None, help=f"default {model.embed_dim}")
+    xe.add_argument("--hidden-dim", type=int, default=None, help=f"default {model.hidden_dim}")
+    xe.add_argument("--image-dim", type=int, default=None, help=f"default {model.image_dim}")
+    xe.add_argument("--layers", type=int, default=None, help=f"default {model.num_layers}")
+    xe.add_argument("--dropout", type=float, default=None, help=f"default {model.dropout}")
+    xe.add_argument("--image-input", choices=["every", "first"], default=None, help=f"default {model.image_input}")
+    xe.add_argument("--device", default=None,
+                    help="auto (default), cpu or cuda (under torchrun: cuda:LOCAL_RANK); scst and finetune run on "
+                         "the CPU")
+    xe.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                    help="mixed precision: bf16 or fp16 (with loss scaling) on CUDA; bf16 also runs on the CPU")
+    xe.add_argument("--text-corpus", default=None,
+                    help="also train on these captions (a folder like ../shared/data/coco-text, its JSON file, or "
+                         "a text file with one caption per line), each with a pseudo image vector from the CNN's "
+                         "ImageNet head for the concepts it names; its words join the vocabulary")
+    xe.add_argument("--pseudo-target-p", type=float, default=None,
+                    help="how strongly a pseudo vector shows its concepts: the ImageNet head's probability of them "
+                         "(default 0.6)")
+    group = p.add_argument_group("self-critical fine-tuning (--objective scst; reward = CIDEr-D)")
+    group.add_argument("--scst", action="store_true", help="deprecated spelling of --objective scst")
+    group.add_argument("--scst-samples", type=int, default=None,
+                       help=f"sampled captions per image (default {scst.samples_per_image})")
+    group.add_argument("--scst-batch-images", type=int, default=None,
+                       help=f"images per update (default {scst.batch_images})")
+    group.add_argument("--scst-baseline", choices=["mean", "greedy"], default=None,
+                       help=f"mean reward of the other samples, or the greedy caption's reward (default {scst.baseline})")
+    group.add_argument("--scst-candidates", choices=["sample", "beam"], default=None,
+                       help="the captions rewarded: sampled, or each image's best beams (beam size "
+                            f"--scst-samples, mean baseline; default {scst.candidates})")
+    group.add_argument("--scst-dropout", type=float, default=None,
+                       help="dropout rate while sampling (default: the XE model's own)")
+    add_finetune_arguments(p.add_argument_group("CNN fine-tuning (--objective finetune, on the images)"))
+
+
+def add_finetune_arguments(group: Any) -> None:  # a parser or an argument group
+    defaults = FinetuneConfig()
+    group.add_argument("--batch-images", type=int, default=None,
+                       help=f"images per step, each with all its captions (default {defaults.batch_images})")
+    group.add_argument("--encoder-lr", type=float, default=None, help=f"default {defaults.encoder_lr}")
+    group.add_argument("--decoder-lr", type=float, default=None, help=f"default {defaults.decoder_lr}")
+    group.add_argument("--warmup-steps", type=int, default=None, help=f"default {defaults.warmup_steps}")
+    group.add_argument("--no-flip", action="store_true", help="no random horizontal flips of training images")
+    group.add_argument("--train-images", type=int, default=None, help="train on the first N images (smoke runs)")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -149,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.add_argument("--encoder", default=None, help="default: efficientnet_lite0")
     p.add_argument("--encoder-weights", default=None, help="a local weights file for the encoder")
-    p.add_argument("--from-checkpoint", default=None, metavar="CKPT",
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="use the CNN this checkpoint was trained with (its own, if fine-tuned) instead of --encoder")
+    p.add_argument("--from-checkpoint", default=None, metavar="CKPT", help="deprecated spelling of --checkpoint")
     p.add_argument("--allow-random-weights", action="store_true", help="testing only: untrained CNN")
     p.add_argument("--out", required=True, help="cache folder (resumed if it exists)")
     p.add_argument("--splits", default="train,val,test")
@@ -161,82 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_arguments(p)
     p.set_defaults(func=commands.cmd_features)
 
-    p = subcommands.add_parser("train", help="train a decoder on cached features")
+    p = subcommands.add_parser("train", help="train a decoder: cross-entropy on cached features (default), SCST, "
+                                          "or fine-tuning the CNN with it")
     add_data_arguments(p)
-    defaults, model_defaults, scst_defaults = TrainConfig(), ModelConfig(vocab_size=0), ScstConfig()
-    p.add_argument("--features", required=True, help="feature cache made by `captioner features`")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log, curves)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"default: {defaults.epochs} (cross-entropy), {scst_defaults.epochs} (--scst)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                   help="captions per update over all processes (under torchrun each takes its share)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {defaults.lr} (cross-entropy), {scst_defaults.lr} (--scst)")
-    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    p.add_argument("--min-word-count", type=int, default=defaults.min_word_count)
-    p.add_argument("--patience", type=int, default=defaults.patience)
-    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
-                   help="> 0: validate and keep an exponential moving average of the weights with this decay "
-                        "per update (e.g. 0.999); the raw weights are scored too, as val_raw in log.jsonl")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
-    p.add_argument("--val-beam-size", type=int, default=defaults.val_decode.beam_size)
-    p.add_argument("--embed-dim", type=int, default=model_defaults.embed_dim)
-    p.add_argument("--hidden-dim", type=int, default=model_defaults.hidden_dim)
-    p.add_argument("--image-dim", type=int, default=model_defaults.image_dim)
-    p.add_argument("--layers", type=int, default=model_defaults.num_layers)
-    p.add_argument("--dropout", type=float, default=model_defaults.dropout)
-    p.add_argument("--image-input", choices=["every", "first"], default=model_defaults.image_input)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                   help="mixed precision: bf16 or fp16 (with loss scaling) on CUDA; bf16 also runs on the CPU")
-    p.add_argument("--init-from", default=None,
-                   help="start from this trained checkpoint (its decoder shape and CNN; the feature cache must come "
-                        "from that CNN): cross-entropy training grows it to the new vocabulary, --scst fine-tunes it")
-    text = p.add_argument_group("captions without photos (captioner.train.text_corpus)")
-    text.add_argument("--text-corpus", default=None,
-                      help="also train on these captions (a folder like ../shared/data/coco-text, its JSON file, or "
-                           "a text file with one caption per line), each with a pseudo image vector from the CNN's "
-                           "ImageNet head for the concepts it names; its words join the vocabulary")
-    text.add_argument("--pseudo-target-p", type=float, default=0.6,
-                      help="how strongly a pseudo vector shows its concepts: the ImageNet head's probability of them")
-    scst = p.add_argument_group("self-critical fine-tuning (SCST, reward = CIDEr-D)")
-    scst.add_argument("--scst", action="store_true", help="fine-tune --init-from with SCST instead of XE training")
-    scst.add_argument("--scst-samples", type=int, default=scst_defaults.samples_per_image,
-                      help="sampled captions per image")
-    scst.add_argument("--scst-batch-images", type=int, default=scst_defaults.batch_images, help="images per update")
-    scst.add_argument("--scst-baseline", choices=["mean", "greedy"], default=scst_defaults.baseline,
-                      help="mean reward of the other samples, or the greedy caption's reward")
-    scst.add_argument("--scst-candidates", choices=["sample", "beam"], default=scst_defaults.candidates,
-                      help="the captions rewarded: sampled, or each image's best beams (beam size "
-                           "--scst-samples, mean baseline)")
-    scst.add_argument("--scst-dropout", type=float, default=None,
-                      help="dropout rate while sampling (default: the XE model's own)")
-    p.set_defaults(func=commands.cmd_train)
+    add_train_arguments(p)
+    p.set_defaults(func=training.cmd_train)
 
-    p = subcommands.add_parser("finetune", help="fine-tune the CNN together with a trained decoder, on images")
-    p.add_argument("checkpoint", help="the trained checkpoint to start from")
+    p = subcommands.add_parser("finetune", help="deprecated: `captioner train --objective finetune --init-from CKPT`")
+    p.add_argument("checkpoint", help="the trained checkpoint to start from (--init-from)")
     add_data_arguments(p)
-    f_defaults = FinetuneConfig()
     p.add_argument("--out", required=True, help="run folder (best/last checkpoints, log, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--epochs", type=int, default=f_defaults.epochs)
-    p.add_argument("--batch-images", type=int, default=f_defaults.batch_images,
-                   help="images per step, each with all its captions")
-    p.add_argument("--encoder-lr", type=float, default=f_defaults.encoder_lr)
-    p.add_argument("--decoder-lr", type=float, default=f_defaults.decoder_lr)
-    p.add_argument("--warmup-steps", type=int, default=f_defaults.warmup_steps)
-    p.add_argument("--label-smoothing", type=float, default=f_defaults.label_smoothing)
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips of training images")
-    p.add_argument("--patience", type=int, default=f_defaults.patience,
-                   help="epochs without val CIDEr-D gain (over the start too) before stopping")
-    p.add_argument("--seed", type=int, default=f_defaults.seed)
-    p.add_argument("--val-images", type=int, default=None, help="score only the first N val images")
-    p.add_argument("--train-images", type=int, default=None, help="train on the first N images (smoke runs)")
-    p.add_argument("--val-beam-size", type=int, default=f_defaults.val_decode.beam_size)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(func=commands.cmd_finetune)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--val-images", type=int, default=None)
+    p.add_argument("--val-beam-size", type=int, default=None)
+    add_finetune_arguments(p.add_argument_group("CNN fine-tuning"))
+    p.set_defaults(func=training.cmd_finetune)
 
     p = subcommands.add_parser("demo", help="start the Gradio web demo (also: python demo/app.py)")
     p.add_argument("--checkpoint", default=None,

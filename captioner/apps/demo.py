@@ -3,8 +3,9 @@ CNN's ImageNet classifier recognised in the photo (with their probabilities), wh
 name (`captioner demo --concepts off`: plain captions).
 
 `predict` is a plain function (file path + settings -> caption Markdown + n-best rows), so it is
-tested without a browser; `predict_batch` serves several visitors with one CNN batch and one decoder
-call per decoding setting, and `BatchedPredictor` gathers simultaneous visitors into such batches;
+tested without a browser; `predict_batch` serves several visitors through the library's one pipeline
+(`Captioner.stream`: one CNN batch, one decoder call per decoding setting), and `BatchedPredictor`
+(with `captioner.apps.request_batcher`) gathers simultaneous visitors into such batches;
 `build_app` lays it out in a `gr.Blocks` page; `serve` starts the server with the demo's safety
 settings; `launch` loads the checkpoint once and does both.
 """
@@ -13,21 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captioner.api import Captioner
+from captioner.apps.request_batcher import Busy, RequestBatcher
 from captioner.config import DecodeConfig
-from captioner.features.encode import encode_images
 from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from captioner.request_batcher import Busy, RequestBatcher
+from captioner.pipeline import caption_images
 
 if TYPE_CHECKING:
     import gradio as gr
+    import torch
     from PIL import Image
 
-    from captioner.inference import Caption
+    from captioner.decoding import Caption
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,8 @@ LIMITS = (f"The demo takes JPEG, PNG, WebP, … photos up to {MAX_UPLOAD_BYTES /
 READY = "Press **Caption** to describe this photo."
 
 Row = list[Any]  # one n-best table row: rank, caption, log-prob, score
-# The concept settings every visitor gets (`captioner demo --concepts off`, `--concept-threshold`).
-CONCEPT_THRESHOLD = DecodeConfig().concept_threshold
-MAX_CONSTRAINTS = DecodeConfig().max_constraints
+# The server's decoding settings (`captioner demo --concepts off`, `--concept-threshold`, ...) are a
+# DecodeConfig, `decoding`; a visitor's controls replace its strategy, beam size, temperature, seed, n-best.
 
 
 def _escape_markdown(text: str) -> str:
@@ -89,20 +90,25 @@ def _check_upload(image_path: str | os.PathLike | None) -> tuple[str | None, str
     return None, name
 
 
+def _unusable(name: str, reason: str) -> str:
+    """The friendly message for a file the library's checks refused to decode, for `reason`."""
+    return _message("That file could not be used as a photo",
+                    f"**{_escape_markdown(name)}**: {_escape_markdown(reason)}.\n\n{LIMITS}")
+
+
 def _load(image_path: str | os.PathLike, name: str, draft_size: int | None = None,
           max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
     """(PIL image, None) or (None, friendly message), decoding with the library's checks."""
     try:
         return load_image(image_path, max_pixels=max_pixels, draft_size=draft_size), None
     except ImageLoadError as error:
-        return None, _message("That file could not be used as a photo",
-                              f"**{_escape_markdown(name)}**: {_escape_markdown(error.reason)}.\n\n{LIMITS}")
+        return None, _unusable(name, error.reason)
 
 
 def decode_settings(strategy: str, beam_size: int, temperature: float, seed: float | None,
-                    n_best: int, concept_threshold: float | None = CONCEPT_THRESHOLD,
-                    max_constraints: int = MAX_CONSTRAINTS) -> tuple[DecodeConfig, str]:
-    """The DecodeConfig the demo's controls ask for, and a note when a setting had to be adjusted."""
+                    n_best: int, decoding: DecodeConfig | None = None) -> tuple[DecodeConfig, str]:
+    """The DecodeConfig the demo's controls ask for (the server's `decoding` with the visitor's strategy,
+    beam size, temperature, seed and n-best), and a note when a setting had to be adjusted."""
     beam_size, n_best = max(1, int(beam_size)), max(1, min(int(n_best), MAX_N_BEST))
     note = ""
     if strategy == "greedy" and n_best > 1:
@@ -110,9 +116,8 @@ def decode_settings(strategy: str, beam_size: int, temperature: float, seed: flo
     elif strategy == "beam" and n_best > beam_size:
         n_best, note = beam_size, f"Beam search keeps {beam_size} beams, so it returns at most {beam_size} captions."
     seed_value = None if seed is None or seed == "" else int(seed)
-    config = DecodeConfig(strategy=strategy, beam_size=beam_size, n_best=n_best,
-                          temperature=float(temperature), seed=seed_value, concept_threshold=concept_threshold,
-                          max_constraints=max_constraints)
+    config = replace(decoding or DecodeConfig(), strategy=strategy, beam_size=beam_size, n_best=n_best,
+                     temperature=float(temperature), seed=seed_value)
     return config, note
 
 
@@ -139,27 +144,27 @@ class CaptionRequest:
     temperature: float = 1.0
     seed: float | None = 0
     n_best: int = 3
-    concept_threshold: float | None = CONCEPT_THRESHOLD  # the server's setting, not a visitor's
-    max_constraints: int = MAX_CONSTRAINTS
 
 
 def predict(captioner: Captioner, image_path: str | os.PathLike | None, strategy: str = "beam",
             beam_size: int = 3, temperature: float = 1.0, seed: float | None = 0,
-            n_best: int = 3, concept_threshold: float | None = CONCEPT_THRESHOLD,
-            max_constraints: int = MAX_CONSTRAINTS) -> tuple[str, list[Row]]:
-    """Caption one uploaded file. Returns (Markdown: the best caption as a heading, the concepts recognised
-    in the photo with their probabilities, or a friendly message when the file cannot be used; n-best rows
+            n_best: int = 3, decoding: DecodeConfig | None = None) -> tuple[str, list[Row]]:
+    """Caption one uploaded file with the server's `decoding` settings (default: DecodeConfig()) and the
+    visitor's controls. Returns (Markdown: the best caption as a heading, the concepts recognised in the
+    photo with their probabilities, or a friendly message when the file cannot be used; n-best rows
     [rank, caption, log-prob, score], best first). Never raises for a bad upload or bad settings."""
-    return predict_batch(captioner, [CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best,
-                                                    concept_threshold, max_constraints)])[0]
+    return predict_batch(captioner, [CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best)],
+                         decoding)[0]
 
 
-def predict_batch(captioner: Captioner, requests: list[CaptionRequest]) -> list[tuple[str, list[Row]]]:
-    """`predict` for several requests at once: one CNN batch for every usable photo, then one decoder call
-    per group of requests with the same settings (each sampling request alone, so that its seeded draw
-    does not depend on who else was in the batch). Answers in request order; never raises."""
+def predict_batch(captioner: Captioner, requests: list[CaptionRequest],
+                  decoding: DecodeConfig | None = None) -> list[tuple[str, list[Row]]]:
+    """`predict` for several requests at once, through the pipeline (`Captioner.stream`): every usable
+    photo read and decoded once, in one CNN batch, then one decoder call per group of requests with the
+    same settings (each sampling request alone, so that its seeded draw does not depend on who else was in
+    the batch). Answers in request order; never raises."""
     answers: list[tuple[str, list[Row]] | None] = [None] * len(requests)
-    usable = []  # (request index, image, config, note, file name)
+    usable = []  # (request index, file, config, note, file name)
     for index, request in enumerate(requests):
         message, name = _check_upload(request.image_path)
         if message is not None:
@@ -167,42 +172,33 @@ def predict_batch(captioner: Captioner, requests: list[CaptionRequest]) -> list[
             continue
         try:
             config, note = decode_settings(request.strategy, request.beam_size, request.temperature, request.seed,
-                                           request.n_best, request.concept_threshold, request.max_constraints)
+                                           request.n_best, decoding)
         except ValueError as error:
             answers[index] = _message("Those settings do not work together", _escape_markdown(str(error))), []
             continue
-        image, message = _load(request.image_path, name, draft_size=captioner.draft_size,
-                               max_pixels=captioner.max_pixels)
-        if image is None:
-            answers[index] = message, []
-            continue
-        usable.append((index, image, config, note, name))
+        usable.append((index, request.image_path, config, note, name))
     if usable:
+        def decode(features: torch.Tensor, config: DecodeConfig) -> list[list[Caption] | None]:
+            try:  # a failing setting costs its own requests only
+                return captioner.caption_features(features, config)
+            except Exception:  # a bug, not the visitors' fault: log it here, show no stack trace there
+                logger.exception("captioning %d photos with %r failed", len(features), config)
+                return [None] * len(features)
+
         try:
-            encoded = encode_images([image for _, image, _, _, _ in usable], captioner.encoder,
-                                    max_pixels=captioner.max_pixels)
-            if encoded.failures:  # the photos loaded once already, so this is a bug too
-                raise RuntimeError(f"photos that loaded failed to load again: {encoded.failures}")
-            features = encoded.features  # (N, D)
-        except Exception:  # a bug, not the visitors' fault: log it here, show no stack trace there
+            results = [item for group in caption_images(
+                [path for _, path, _, _, _ in usable], captioner.encoder, decode, [c for _, _, c, _, _ in usable],
+                batch_size=len(usable), decode_batch_size=len(usable), num_workers=0, max_pixels=captioner.max_pixels)
+                for item in group]
+        except Exception:
             logger.exception("the CNN failed on a batch of %d photos", len(usable))
-            for index, *_ in usable:
-                answers[index] = _went_wrong(), []
-            usable = []
-        groups: dict[Any, list[int]] = {}  # settings -> rows of `usable`
-        for row, (index, _, config, _, _) in enumerate(usable):
-            groups.setdefault(index if config.strategy == "sample" else repr(config), []).append(row)
-        for rows in groups.values():
-            config = usable[rows[0]][2]
-            try:
-                captions = captioner.caption_features(features[rows], config)
-            except Exception:
-                logger.exception("captioning %s failed", ", ".join(usable[row][4] for row in rows))
-                captions = [None] * len(rows)
-            for row, image_captions in zip(rows, captions, strict=True):
-                index, _, _, note, _ = usable[row]
-                answers[index] = (_went_wrong(), []) if image_captions is None else \
-                    _answer(captioner, config, note, image_captions)
+            results = []
+        for item in results:
+            index, _, config, note, name = usable[item.index]
+            if item.error is not None:
+                answers[index] = _unusable(name, item.error), []
+            elif item.captions is not None:
+                answers[index] = _answer(captioner, config, note, item.captions)
     return [answer if answer is not None else (_went_wrong(), []) for answer in answers]
 
 
@@ -252,20 +248,18 @@ def _concepts_line(config: DecodeConfig, best: Caption) -> str:
 
 class BatchedPredictor:
     """The demo's **Caption** handler: Gradio calls it from one thread per visitor; a RequestBatcher answers
-    the simultaneous ones with `predict_batch`, and tells visitors beyond `max_pending` the demo is busy."""
+    the simultaneous ones with `predict_batch` (with the server's `decoding` settings), and tells visitors
+    beyond `max_pending` the demo is busy."""
 
     def __init__(self, captioner: Captioner, max_batch_size: int = MAX_BATCH_SIZE, max_pending: int = MAX_PENDING,
-                 gather_seconds: float = GATHER_SECONDS, concept_threshold: float | None = CONCEPT_THRESHOLD,
-                 max_constraints: int = MAX_CONSTRAINTS):
-        self.batcher = RequestBatcher(lambda requests: predict_batch(captioner, requests), max_batch_size,
+                 gather_seconds: float = GATHER_SECONDS, decoding: DecodeConfig | None = None):
+        self.batcher = RequestBatcher(lambda requests: predict_batch(captioner, requests, decoding), max_batch_size,
                                       max_pending, gather_seconds)
-        self.concept_threshold, self.max_constraints = concept_threshold, max_constraints
 
     def __call__(self, image_path: str | os.PathLike | None, strategy: str = "beam", beam_size: int = 3,
                  temperature: float = 1.0, seed: float | None = 0, n_best: int = 3) -> tuple[str, list[Row]]:
         try:
-            return self.batcher.submit(CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best,
-                                                      self.concept_threshold, self.max_constraints))
+            return self.batcher.submit(CaptionRequest(image_path, strategy, beam_size, temperature, seed, n_best))
         except Busy as busy:
             waiting = f"{busy.pending} photo{'s' if busy.pending != 1 else ''}"
             return _message("The demo is busy", f"{waiting} ahead of yours are being captioned. "
@@ -295,15 +289,13 @@ def example_paths(examples_dir: str | Path | None = EXAMPLES_DIR) -> list[Path]:
 
 
 def build_app(captioner: Captioner, examples_dir: str | Path | None = EXAMPLES_DIR,
-              predictor: BatchedPredictor | None = None, concept_threshold: float | None = CONCEPT_THRESHOLD,
-              max_constraints: int = MAX_CONSTRAINTS) -> gr.Blocks:
+              predictor: BatchedPredictor | None = None, decoding: DecodeConfig | None = None) -> gr.Blocks:
     """The demo page for an already loaded Captioner, with Gradio's queue set up. `predictor`: the Caption
-    button's handler (default: a BatchedPredictor with the demo's settings and these concept settings; pass
+    button's handler (default: a BatchedPredictor with the demo's settings and the server's `decoding`; pass
     one to watch its batches)."""
     import gradio as gr
 
-    caption_upload = predictor or BatchedPredictor(captioner, concept_threshold=concept_threshold,
-                                                   max_constraints=max_constraints)
+    caption_upload = predictor or BatchedPredictor(captioner, decoding=decoding)
 
     def show_preview(image_path):
         return preview(image_path, max_pixels=captioner.max_pixels)
@@ -369,17 +361,15 @@ def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool
 
 def launch(checkpoint_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, device: str = "auto", memory: str | Path | None = None, rerank: Any = None,
-           max_pixels: int = MAX_PIXELS, concept_threshold: float | None = CONCEPT_THRESHOLD,
-           max_constraints: int = MAX_CONSTRAINTS) -> None:
+           max_pixels: int = MAX_PIXELS, decoding: DecodeConfig | None = None) -> None:
     """Load the checkpoint once (with a caption memory for consensus re-ranking, when given), then serve
-    the demo until interrupted. `concept_threshold`, `max_constraints`: the concepts every caption uses
-    (None: concepts off)."""
+    the demo until interrupted. `decoding`: the server's decoding settings, e.g. the concepts every caption
+    uses (`concept_threshold` None: concepts off); visitors choose the strategy, beam size, temperature,
+    seed and n-best."""
     import torch
 
     # One batcher thread runs the CNN and the decoder for everybody: it may use every core.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     captioner = Captioner.from_pretrained(checkpoint_path, device=device, memory=memory, rerank=rerank,
                                           max_pixels=max_pixels)
-    DecodeConfig(concept_threshold=concept_threshold, max_constraints=max_constraints)  # refuse bad ones now
-    serve(build_app(captioner, concept_threshold=concept_threshold, max_constraints=max_constraints),
-          host=host, port=port, share=share)
+    serve(build_app(captioner, decoding=decoding), host=host, port=port, share=share)

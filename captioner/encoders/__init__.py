@@ -4,6 +4,7 @@
     preprocessing      PIL image -> uint8 pixels -> normalised float32
     weights            packaged / torchvision / local-file / in-memory weights, their hash
     fusing             BatchNorm folding for inference
+    identity           is it the same CNN? (encoder name and weights hash: the one rule)
     efficientnet_lite  EfficientNet-Lite0/2 in plain PyTorch, offline weights (the default encoder)
     resnet             torchvision ResNet-50/101/152 (weights downloaded, or a local file)
 
@@ -20,13 +21,14 @@ from captioner.encoders.efficientnet_lite import (
     lite2_packaged_weights,
 )
 from captioner.encoders.fusing import fuse_batchnorm_into_conv
+from captioner.encoders.identity import check_same_cnn, cnn_identity, cnn_mismatch
 from captioner.encoders.preprocessing import Preprocessor
 from captioner.encoders.registry import (
     DEFAULT_ENCODER,
     Encoder,
     EncoderSpec,
     Weights,
-    check_weights_hash,
+    check_trained_cnn,
     checkpoint_encoder,
     get_encoder,
     get_encoder_spec,
@@ -43,7 +45,7 @@ from captioner.encoders.weights import (
 
 __all__ = [
     "DEFAULT_ENCODER", "LITE0_STAGE_DEPTHS", "LITE2_STAGE_DEPTHS", "Encoder", "EncoderSpec",
-    "EncoderUnavailableError", "Preprocessor", "Weights", "check_weights_hash", "checkpoint_encoder",
+    "EncoderUnavailableError", "Preprocessor", "Weights", "check_same_cnn", "check_trained_cnn", "checkpoint_encoder", "cnn_identity", "cnn_mismatch",
     "convert_lite0_state_dict", "convert_lite_state_dict", "fuse_batchnorm_into_conv", "get_encoder",
     "get_encoder_spec", "list_encoders", "lite0_packaged_weights", "lite2_packaged_weights", "load_strict",
     "load_weights_file", "register_encoder", "state_dict_hash", "weights_state",

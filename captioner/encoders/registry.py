@@ -34,11 +34,12 @@ from PIL import Image
 from torch import nn
 
 from captioner.encoders.fusing import fused_copy_if_equivalent
+from captioner.encoders.identity import check_same_cnn
 from captioner.encoders.preprocessing import Preprocessor, ResizeMode
 from captioner.encoders.weights import EncoderUnavailableError, state_dict_hash
 
 __all__ = ["DEFAULT_ENCODER", "Builder", "Encoder", "EncoderSpec", "EncoderUnavailableError", "Weights",
-           "check_weights_hash", "checkpoint_encoder", "get_encoder", "get_encoder_spec", "list_encoders",
+           "check_trained_cnn", "checkpoint_encoder", "get_encoder", "get_encoder_spec", "list_encoders",
            "register_encoder"]
 
 DEFAULT_ENCODER = "efficientnet_lite0"
@@ -204,13 +205,6 @@ def get_encoder(name: str = DEFAULT_ENCODER, weights: Weights = None,
     return Encoder(spec, model, digest, source)
 
 
-def check_weights_hash(encoder: Encoder, expected: str | None, owner: str) -> None:
-    """Refuse an encoder whose weights are not the ones `owner` (a checkpoint) was trained on (by hash)."""
-    if expected and encoder.weights_hash != expected:
-        raise ValueError(f"{owner}: trained on {encoder.name} weights {expected}, but the loaded weights hash to "
-                         f"{encoder.weights_hash}; the captions would be wrong")
-
-
 def checkpoint_encoder(entry: Mapping[str, Any], owner: str, state: Mapping[str, torch.Tensor] | None = None,
                        weights: Weights = None, fuse_batchnorm: bool = True) -> Encoder:
     """The CNN a checkpoint was trained on, from its `encoder` entry (name, weights_hash): built with
@@ -219,5 +213,11 @@ def checkpoint_encoder(entry: Mapping[str, Any], owner: str, state: Mapping[str,
     as in `get_encoder` (False when only the classifier will run)."""
     encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=weights if weights is not None else state,
                           fuse_batchnorm=fuse_batchnorm)
-    check_weights_hash(encoder, entry.get("weights_hash"), owner)
+    check_trained_cnn(encoder, entry, owner)
     return encoder
+
+
+def check_trained_cnn(encoder: Encoder, entry: Mapping[str, Any], owner: str) -> None:
+    """Refuse a CNN that is not the one `owner` (a checkpoint, whose encoder entry is `entry`) was trained on."""
+    check_same_cnn(encoder, entry, owner, "the loaded CNN is", "the checkpoint was trained on",
+                   "its captions would be wrong; use the weights it was trained with")

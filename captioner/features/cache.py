@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from captioner.encoders.identity import cnn_mismatch
 from captioner.encoders.registry import Encoder
+from captioner.utils import atomic_replace, write_text_atomic
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.f16.npy"
@@ -37,8 +39,10 @@ RANK_PARTIAL_GLOB = "partial.rank*"  # rank k > 0 of a sharded run: partial.rank
 PARTIAL_ROWS = "features.f16.bin"
 PARTIAL_LOG = "batches.jsonl"
 PARTIAL_FINGERPRINT = "fingerprint.json"
-# Fields that must agree for two sets of features to be mixed in one cache.
+# Fields that must agree for two sets of features to be mixed in one cache: the CNN's identity
+# (`captioner.encoders.identity`: encoder and weights_hash), and the features' format.
 FINGERPRINT_FIELDS = ("format_version", "encoder", "feature_dim", "dtype", "preprocessing", "weights_hash")
+FORMAT_FIELDS = ("format_version", "feature_dim", "dtype", "preprocessing")
 
 
 class FeatureCacheError(ValueError):
@@ -58,7 +62,7 @@ def cache_fingerprint(encoder: Encoder) -> dict[str, Any]:
 
 
 def check_fingerprint(found: dict, wanted: dict, where: Path) -> None:
-    differing = [name for name in FINGERPRINT_FIELDS if found.get(name) != wanted.get(name)]
+    differing = cnn_mismatch(found, wanted) + [name for name in FORMAT_FIELDS if found.get(name) != wanted.get(name)]
     if differing:
         details = "; ".join(f"{name}: cache has {found.get(name)!r}, this run {wanted.get(name)!r}"
                             for name in differing)
@@ -297,13 +301,9 @@ def write_cache(out_dir: Path, rows: np.ndarray, ids: list[str], failed: list[di
                  encoder: Encoder) -> None:
     """Write features.f16.npy, index.json and meta.json (last) atomically."""
     (out_dir / META_FILE).unlink(missing_ok=True)  # the cache is unfinished until the new meta.json lands
-    temporary = out_dir / (FEATURES_FILE + ".tmp")
-    with open(temporary, "wb") as file:
+    with atomic_replace(out_dir / FEATURES_FILE) as temporary, open(temporary, "wb") as file:
         np.lib.format.write_array(file, rows, allow_pickle=False)
-        file.flush()
-        os.fsync(file.fileno())
     del rows
-    os.replace(temporary, out_dir / FEATURES_FILE)
     write_json_atomic(out_dir / INDEX_FILE, {image_id: row for row, image_id in enumerate(ids)})
     meta = {
         **fingerprint,
@@ -326,15 +326,6 @@ def read_json(path: Path) -> Any:
         raise FeatureCacheError(f"{path}: missing; the cache is incomplete or corrupt") from None
     except ValueError as error:
         raise FeatureCacheError(f"{path}: not valid JSON ({error}); the cache is corrupt") from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from captioner.checkpoint import load_checkpoint
 from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, checkpoint_encoder, get_encoder
-from captioner.features.loader import ImageSource, image_loader
-from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.features.loader import image_loader
+from captioner.images import DEFAULT_MAX_PIXELS, ImageSource
 
 
 def encode_batch(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
@@ -95,14 +95,14 @@ def encode_images(inputs: Sequence[ImageSource], encoder: Encoder, batch_size: i
 
 
 def feature_run_encoder(encoder: str | None = None, weights: str | Path | None = None, allow_random: bool = False,
-                        from_checkpoint: str | Path | None = None) -> Encoder:
+                        checkpoint: str | Path | None = None) -> Encoder:
     """The CNN a feature run uses (`captioner features`): `encoder` with `weights` (default: the offline
-    EfficientNet-Lite0), or the one `from_checkpoint` was trained with (its own fine-tuned weights when it
+    EfficientNet-Lite0), or the one `checkpoint` was trained with (its own fine-tuned weights when it
     carries them), checked against that checkpoint's weights hash. The two ways do not mix."""
-    if not from_checkpoint:
+    if not checkpoint:
         return get_encoder(encoder or DEFAULT_ENCODER, weights=weights, allow_random=allow_random)
     if encoder or weights or allow_random:
-        raise ValueError("--from-checkpoint takes the CNN from the checkpoint; leave out --encoder, "
+        raise ValueError("--checkpoint takes the CNN from the checkpoint; leave out --encoder, "
                          "--encoder-weights and --allow-random-weights")
-    checkpoint = load_checkpoint(from_checkpoint)
+    checkpoint = load_checkpoint(checkpoint)
     return checkpoint_encoder(checkpoint.encoder, str(checkpoint.path), checkpoint.encoder_state)

@@ -7,18 +7,14 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.encoders.preprocessing import Preprocessor
 from captioner.encoders.registry import Encoder
-from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-
-ImageSource = str | Path | bytes | Image.Image  # anything `captioner.images.load_image` opens
+from captioner.images import DEFAULT_MAX_PIXELS, ImageLoadError, ImageSource, load_image
 
 
 def jpeg_draft_size(preprocessor: Preprocessor) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from captioner.data.records import CaptionRecord
+from captioner.encoders.identity import check_same_cnn
 from captioner.encoders.registry import DEFAULT_ENCODER, checkpoint_encoder
 from captioner.features.cache import FeatureCache
 from captioner.features.encode import encode_images
@@ -22,12 +23,9 @@ def cached_record_features(records: list[CaptionRecord], cache: FeatureCache, en
                            weights_hash: str | None = None) -> RecordFeatures:
     """The records' rows of `cache`, which must come from `encoder_name` (and weights `weights_hash`)."""
     where = cache.directory
-    if cache.meta.get("encoder") != encoder_name:
-        raise ValueError(f"{where}: features from encoder {cache.meta.get('encoder')!r}, but the "
-                         f"checkpoint was trained on {encoder_name!r} features")
-    if weights_hash and cache.meta.get("weights_hash") != weights_hash:
-        raise ValueError(f"{where}: features from {encoder_name} weights {cache.meta.get('weights_hash')}, "
-                         f"but the checkpoint was trained on weights {weights_hash}")
+    check_same_cnn(cache.meta, {"encoder": encoder_name, "weights_hash": weights_hash}, str(where),
+                   "its features come from", "the checkpoint was trained on",
+                   "give the feature cache of the checkpoint's own CNN, or none to run it")
     kept = [r for r in records if r.image_id in cache]
     reasons = {entry.get("image_id"): entry.get("reason") for entry in cache.failed}
     problems = [f"{r.image_path}: " + (f"no cached feature ({reasons[r.image_id]})" if reasons.get(r.image_id)

@@ -4,11 +4,13 @@
   state.py            the run folder's files and the training state saved in last.safetensors
   data.py             captions as tensors, cached features per split, the seeded epoch order
   schedule.py         learning-rate schedules, the weight average
-  teacher_forcing.py  cross-entropy on cached features: a new decoder (`captioner train`)
-  scst.py             self-critical sequence training from a trained checkpoint (`captioner train --scst`)
-  finetuning.py       the CNN and the decoder together, on images (`captioner finetune`)
+  teacher_forcing.py  cross-entropy on cached features (`captioner train`, --objective xe): a new decoder, or
+                      one warm-started from a trained checkpoint (`warm_start.py`), with `text_corpus.py`
+  scst.py             self-critical sequence training from a trained checkpoint (--objective scst)
+  finetuning.py       the CNN and the decoder together, on images (--objective finetune)
 
-A new way to train is an init source, a parameter set and a loss (an `Objective`), not a new loop.
+A new way to train is an init source, a parameter set and a loss (an `Objective`), not a new loop; where a
+run starts is the objective's `init_from`, which the trainer loads.
 """
 
 from captioner.config import FinetuneConfig, ScstConfig, TrainConfig

@@ -1,4 +1,4 @@
-"""Fine-tuning the CNN together with a trained decoder (`captioner finetune`).
+"""Fine-tuning the CNN together with a trained decoder (`captioner train --objective finetune`).
 
 An objective of the one trainer (captioner.train.trainer): init from a trained checkpoint (its decoder,
 and its CNN: the checkpoint's own, or the default weights its encoder entry names); the parameter set is
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import Checkpoint
 from captioner.config import FinetuneConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, check_weights_hash, get_encoder_spec
+from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, check_trained_cnn, get_encoder_spec
 from captioner.encoders.weights import state_dict_hash
-from captioner.evaluation import validate
+from captioner.evaluation.validate import validate
 from captioner.features.encode import encode_images
 from captioner.features.loader import image_loader
 from captioner.model import CaptionDecoder
@@ -46,19 +46,19 @@ class CnnFinetuning(Objective):
 
     def __init__(self, init_checkpoint: str | Path, train_records: list[CaptionRecord],
                  val_records: list[CaptionRecord], config: FinetuneConfig) -> None:
-        self.init_checkpoint, self.config = init_checkpoint, config
+        self.init_from, self.config = str(init_checkpoint), config
         self.train_records = train_records[:config.train_max_images]
         self.val_records = val_records[:config.val_max_images]
 
-    def prepare(self, device: torch.device, amp: str | None) -> None:
-        self.checkpoint = checkpoint = load_checkpoint(self.init_checkpoint, device=device)
-        self.model, self.vocab = checkpoint.model, checkpoint.vocab
+    def prepare(self, device: torch.device, amp: str | None, initial: Checkpoint | None) -> None:
+        self.checkpoint = checkpoint = initial
+        self.model, self.vocab = checkpoint.model.to(device), checkpoint.vocab
         spec = get_encoder_spec(checkpoint.encoder.get("encoder", DEFAULT_ENCODER))
         cnn = spec.build(checkpoint.encoder_state).to(device)  # BatchNorm not folded: it is trained through
         self.start_hash = state_dict_hash(cnn.state_dict())
         cnn.requires_grad_(True)
         self.cnn = Encoder(spec, cnn, self.start_hash, "fine-tuned")
-        check_weights_hash(self.cnn, checkpoint.encoder.get("weights_hash"), str(self.init_checkpoint))
+        check_trained_cnn(self.cnn, checkpoint.encoder, self.init_from)
         self.captions = encode_split(self.train_records, torch.zeros(len(self.train_records), 1), self.vocab,
                                      self.config.max_caption_length)
         self.captions_of: list[list[int]] = [[] for _ in self.train_records]  # caption rows of each image
@@ -82,11 +82,11 @@ class CnnFinetuning(Objective):
         return math.ceil(self.examples / self.config.batch_images)
 
     def settings(self) -> dict[str, Any]:
-        return {"finetune_config": self.config, "init_checkpoint": str(self.init_checkpoint)}
+        return {"finetune_config": self.config, "init_checkpoint": self.init_from}
 
     def run_info(self) -> dict[str, Any]:
         return {**self.checkpoint.info, "finetune_config": to_dict(self.config),
-                "init_checkpoint": str(self.init_checkpoint), "fine_tuned_from": self.start_hash,
+                "init_checkpoint": self.init_from, "fine_tuned_from": self.start_hash,
                 "train_images": self.examples}
 
     def encoder(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
@@ -130,7 +130,7 @@ class CnnFinetuning(Objective):
                 "images_per_second": round(self.examples / train_seconds, 1)}
 
     def describe(self) -> str:
-        return (f"fine-tuning {self.cnn.name} and the decoder of {self.init_checkpoint} on {self.examples} images, "
+        return (f"fine-tuning {self.cnn.name} and the decoder of {self.init_from} on {self.examples} images, "
                 f"{self.steps_per_epoch} steps of {self.config.batch_images} images per epoch")
 
     def validate(self, model: CaptionDecoder) -> dict[str, float]:

@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import Checkpoint
 from captioner.config import DecodeConfig, ScstConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.decoding import beam_search, greedy
-from captioner.evaluation import validate
+from captioner.evaluation.validate import validate
 from captioner.metrics.cider import CiderD
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary, tokenize
@@ -250,16 +250,16 @@ class SelfCritical(Objective):
     def __init__(self, train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
                  val_features: Tensor, init_checkpoint: str | Path, config: ScstConfig,
                  features_encoder: dict[str, Any] | None = None) -> None:
-        self.config, self.init_checkpoint, self.features_encoder = config, init_checkpoint, features_encoder or {}
+        self.config, self.init_from, self.features_encoder = config, str(init_checkpoint), features_encoder or {}
         self.train_records, self.train_features = train_records, train_features.float()
         limit = config.val_max_images or len(val_records)
         self.val_records, self.val_features = val_records[:limit], val_features[:limit]
 
-    def prepare(self, device: torch.device, amp: str | None) -> None:
+    def prepare(self, device: torch.device, amp: str | None, initial: Checkpoint | None) -> None:
         config = self.config
         self.device = device
-        self.initial = initial = load_checkpoint(self.init_checkpoint, device=device)
-        self.model, self.vocab = initial.model, initial.vocab
+        self.initial = initial
+        self.model, self.vocab = initial.model.to(device), initial.vocab
         if config.dropout is not None:  # the rate used while sampling; saved checkpoints keep the XE config
             set_dropout(self.model, config.dropout)
         check_features_encoder(initial, self.features_encoder, self.train_features.size(1))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch import Tensor
 from captioner import distributed
 from captioner.checkpoint import CheckpointError, read_raw
 from captioner.config import from_dict
-from captioner.utils import write_text_atomic
+from captioner.utils import atomic_replace, write_text_atomic
 
 LAST, BEST, LOG, CURVES = "last.safetensors", "best.safetensors", "log.jsonl", "curves.png"
 
@@ -149,7 +148,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path, left_key: str = "trai
     right.set(title="validation (real decoding)", xlabel="epoch")
     right.legend()
     figure.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    figure.savefig(tmp, dpi=90)
+    with atomic_replace(path) as tmp:
+        figure.savefig(tmp, dpi=90, format="png")
     plt.close(figure)
-    os.replace(tmp, path)

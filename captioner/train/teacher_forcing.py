@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from captioner import distributed
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import Checkpoint
 from captioner.config import ModelConfig, TrainConfig, to_dict
 from captioner.data.records import CaptionRecord
-from captioner.evaluation import validate
+from captioner.evaluation.validate import validate
 from captioner.model import CaptionDecoder, count_parameters
 from captioner.text import Vocabulary, tokenize
 from captioner.train.data import cached_splits, encode_split
@@ -40,11 +40,17 @@ class TeacherForcing(Objective):
     supports_ddp = supports_amp = True
 
     def __init__(self, train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
-                 val_features: Tensor, config: TrainConfig, model_config: dict[str, Any] | None = None,
+                 val_features: Tensor, config: TrainConfig, model: ModelConfig | None = None,
                  encoder: dict[str, Any] | None = None, data_fingerprint: str | None = None,
                  init_checkpoint: str | Path | None = None) -> None:
-        self.config, self.model_overrides, self.encoder_description = config, model_config or {}, encoder or {}
-        self.init_checkpoint, self.initial = init_checkpoint, None
+        self.config, self.shape, self.encoder_description = config, model, encoder or {}
+        self.init_from = None if init_checkpoint is None else str(init_checkpoint)
+        self.initial: Checkpoint | None = None
+        if model is not None and not isinstance(model, ModelConfig):
+            raise TypeError(f"model: the decoder's shape as a ModelConfig, not a {type(model).__name__}")
+        if model is not None and init_checkpoint is not None:
+            raise ValueError("a warm-started decoder keeps the shape of its initial checkpoint; do not give "
+                             "decoder shape options")
         self.train_records, self.train_features = train_records, train_features
         limit = config.val_max_images or len(val_records)
         self.val_records, self.val_features = val_records[:limit], val_features[:limit]
@@ -54,27 +60,23 @@ class TeacherForcing(Objective):
             raise ValueError(f"--batch-size {config.batch_size} is the global batch, shared by {self.world} "
                              f"processes: give at least {self.world}")
 
-    def prepare(self, device: torch.device, amp: str | None) -> None:
+    def prepare(self, device: torch.device, amp: str | None, initial: Checkpoint | None) -> None:
         config = self.config
         self.device, self.amp, self.amp_dtype = device, amp, autocast_dtype(amp, device)
         self.vocab = Vocabulary.build((tokenize(c) for r in self.train_records for c in r.captions),
                                       config.min_word_count)
-        if self.init_checkpoint is None:
-            model_config = ModelConfig(vocab_size=len(self.vocab), feature_dim=self.train_features.size(1),
-                                       **self.model_overrides)
-            self.model = CaptionDecoder(model_config)
+        if initial is None:
+            self.model = CaptionDecoder(replace(self.shape or ModelConfig(), vocab_size=len(self.vocab),
+                                                feature_dim=self.train_features.size(1)))
         else:
-            self.model = self.warm_started()
+            self.model = self.warm_started(initial)
         self.model.to(device)
         self.data = encode_split(self.train_records, self.train_features.float(), self.vocab,
                                  config.max_caption_length)
 
-    def warm_started(self) -> CaptionDecoder:
+    def warm_started(self, initial: Checkpoint) -> CaptionDecoder:
         """A decoder of the initial checkpoint's shape with this run's vocabulary, its weights copied."""
-        self.initial = initial = load_checkpoint(self.init_checkpoint)
-        if self.model_overrides:
-            raise ValueError("a warm-started decoder keeps the shape of its initial checkpoint; do not give "
-                             f"decoder shape options ({sorted(self.model_overrides)})")
+        self.initial = initial
         check_features_encoder(initial, self.encoder_description, self.train_features.size(1))
         model = CaptionDecoder(replace(initial.model.config, vocab_size=len(self.vocab)))
         kept = warm_start(model, self.vocab, initial.model, initial.vocab)
@@ -92,12 +94,10 @@ class TeacherForcing(Objective):
 
     def settings(self) -> dict[str, Any]:
         # None when training a new decoder: runs saved before warm starts existed have no such entry
-        return {"train_config": self.config,
-                "init_checkpoint": None if self.init_checkpoint is None else str(self.init_checkpoint)}
+        return {"train_config": self.config, "init_checkpoint": self.init_from}
 
     def run_info(self) -> dict[str, Any]:
-        initial = {} if self.initial is None else {"init_checkpoint": str(self.init_checkpoint),
-                                                   "init_info": self.initial.info}
+        initial = {} if self.initial is None else {"init_checkpoint": self.init_from, "init_info": self.initial.info}
         return {**initial, "train_config": to_dict(self.config), "seed": self.config.seed,
                 "data_fingerprint": self.data_fingerprint, "train_images": len(self.train_records),
                 "train_captions": self.examples, "parameters": count_parameters(self.model),
@@ -168,7 +168,7 @@ class TeacherForcing(Objective):
 
 
 def train(train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
-          val_features: Tensor, out_dir: str | Path, model_config: dict[str, Any] | None = None,
+          val_features: Tensor, out_dir: str | Path, model: ModelConfig | None = None,
           config: TrainConfig | None = None, encoder: dict[str, Any] | None = None, resume: bool = False,
           data_fingerprint: str | None = None, progress: bool = True,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -176,8 +176,8 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
           init_checkpoint: str | Path | None = None) -> Path:
     """Train a decoder; returns the path of the best checkpoint.
 
-    `train_features` / `val_features` hold one row per record, in order. `model_config` overrides
-    ModelConfig fields (vocab_size and feature_dim are filled in here). `on_epoch_end` is called with
+    `train_features` / `val_features` hold one row per record, in order. `model`: the new decoder's shape
+    (default `ModelConfig()`; its vocab_size and feature_dim are set from the data). `on_epoch_end` is called with
     each epoch's log entry after the checkpoint is written (used to stop runs in tests).
     `device`: where the model trains (the features stay on the CPU; batches are moved). `amp`: None,
     "bf16" or "fp16" mixed precision (`autocast_dtype`). Under torchrun (a process group is initialised,
@@ -185,14 +185,14 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
     `init_checkpoint`: start from this trained decoder (its shape, its CNN), grown to the new vocabulary.
     """
     config = config or TrainConfig()
-    objective = TeacherForcing(train_records, train_features, val_records, val_features, config, model_config,
+    objective = TeacherForcing(train_records, train_features, val_records, val_features, config, model,
                                encoder, data_fingerprint, init_checkpoint)
     return Trainer(objective, out_dir, resume=resume, device=device, amp=amp, ema_decay=config.ema_decay,
                    progress=progress, on_epoch_end=on_epoch_end).run()
 
 
 def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
-                   model_config: dict[str, Any] | None = None, config: TrainConfig | None = None,
+                   model: ModelConfig | None = None, config: TrainConfig | None = None,
                    resume: bool = False, progress: bool = True,
                    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
                    device: str | torch.device = "cpu", amp: str | None = None,
@@ -210,6 +210,6 @@ def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
         splits["train_records"] = splits["train_records"] + records
         splits["train_features"] = torch.cat([splits["train_features"].float(), features])
         fingerprint = f"{fingerprint}+text:{corpus_fingerprint(records)}"
-    return train(**splits, out_dir=out_dir, model_config=model_config, config=config, resume=resume,
+    return train(**splits, out_dir=out_dir, model=model, config=config, resume=resume,
                  data_fingerprint=fingerprint, progress=progress, on_epoch_end=on_epoch_end, device=device,
                  amp=amp, init_checkpoint=init_checkpoint)

@@ -1,8 +1,9 @@
 """The one training loop. Every way of training captioner (teacher forcing on cached features, SCST, CNN
-fine-tuning) is an `Objective` run by `Trainer`: the objective says what differs (the init, the batches,
-the loss, which parameters train, how val features are made); the trainer owns what they share (the run
-folder and resume, best/last checkpoints, log.jsonl, curves.png, the seeded epoch order, early stopping,
-the weight average, mixed precision, DistributedDataParallel).
+fine-tuning) is an `Objective` run by `Trainer`: the objective says what differs (what it builds from the
+start, the batches, the loss, which parameters train, how val features are made); the trainer owns what
+they share (where the run starts: loading the `init_from` checkpoint; the run folder and resume, best/last
+checkpoints, log.jsonl, curves.png, the seeded epoch order, early stopping, the weight average, mixed
+precision, DistributedDataParallel).
 
 The data order of epoch e depends only on (seed, e) and the random state is saved with every
 checkpoint, so a run interrupted after epoch k and resumed ends with the same weights as an
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from captioner import distributed
-from captioner.checkpoint import CheckpointError, save_checkpoint
+from captioner.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from captioner.config import to_dict
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
@@ -88,8 +89,9 @@ def cpu_bf16_lstm_supported() -> bool:
 
 class Objective:
     """What one way of training brings to the loop. Subclasses set `config` (a settings dataclass with
-    epochs, patience, seed, grad_clip, weight_decay and val_decode) in __init__ and build `model` and
-    `vocab` in `prepare`, which the trainer calls after seeding torch."""
+    epochs, patience, seed, grad_clip, weight_decay and val_decode) and `init_from` (the trained checkpoint
+    the run starts from, as the user named it; None: a new decoder) in __init__, and build `model` and
+    `vocab` in `prepare`, which the trainer calls after seeding torch with that checkpoint loaded."""
 
     name = "training"
     label = ""  # before "epoch N" in the progress lines
@@ -99,11 +101,13 @@ class Objective:
     curve = ("train_loss", "training loss (teacher forced)", "cross-entropy")  # log key, title, y label
 
     config: Any
+    init_from: str | None = None
     model: CaptionDecoder
     vocab: Vocabulary
 
-    def prepare(self, device: torch.device, amp: str | None) -> None:
-        """Build or load the decoder (and whatever else trains) on `device`."""
+    def prepare(self, device: torch.device, amp: str | None, initial: Checkpoint | None) -> None:
+        """Build the decoder (and whatever else trains) on `device`, from `initial` (the `init_from`
+        checkpoint, loaded on the CPU) when the run starts from one."""
         raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -214,7 +218,8 @@ class Trainer:
         if distributed.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
-        objective.prepare(self.device, self.amp)
+        initial = load_checkpoint(objective.init_from) if objective.init_from is not None else None
+        objective.prepare(self.device, self.amp, initial)
         model = objective.model
         self.average = WeightAverage(model, self.ema_decay) if self.ema_decay else None
         if self.rank > 0:  # same initial weights everywhere, but each rank its own dropout masks
@@ -224,8 +229,7 @@ class Trainer:
         self.trained = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._resume()
         # The forward must go through the wrapper: that is what arms DDP's gradient all-reduce for the step.
-        # The hand-written LSTM loop reads the nn.LSTM weights as attributes, so every parameter still gets
-        # a gradient each step and DDP needs no find_unused_parameters.
+        # Every parameter gets a gradient each step, so DDP needs no find_unused_parameters.
         self.module: torch.nn.Module = model
         if self.world > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(

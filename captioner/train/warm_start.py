@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from captioner.checkpoint import Checkpoint
+from captioner.encoders.identity import check_same_cnn
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 
@@ -58,8 +59,5 @@ def check_features_encoder(initial: Checkpoint, features_encoder: dict[str, Any]
         raise ValueError(f"{initial.path}: the decoder expects {initial.model.config.feature_dim}-dim image "
                          f"features, but the training features have {feature_dim}; use the feature cache of "
                          "the encoder the checkpoint was trained with")
-    cache_hash, model_hash = features_encoder.get("weights_hash"), initial.encoder.get("weights_hash")
-    if cache_hash and model_hash and cache_hash != model_hash:
-        raise ValueError(f"{initial.path}: trained on CNN weights {model_hash}, but the feature cache was made "
-                         f"with {cache_hash}; make a cache with `captioner features --from-checkpoint "
-                         f"{initial.path}`")
+    check_same_cnn(features_encoder, initial.encoder, str(initial.path), "the feature cache was made with",
+                   "the checkpoint was trained on", f"make a cache with `captioner features --checkpoint {initial.path}`")

@@ -73,8 +73,8 @@ def stage_seconds(captioner, paths: list[str], batch_size: int) -> dict[str, flo
             captioner.caption_features(features[first:first + 128], DecodeConfig(strategy="beam", beam_size=3))
         seconds["decoding"] = time.perf_counter() - start
     else:  # the re-ranking decode in its two parts, on the same features
-        from captioner.inference import decode_features
-        from captioner.rerank import rerank
+        from captioner.decoding import decode_features
+        from captioner.decoding.rerank import rerank
 
         reranker, candidates = captioner.reranker, []
         start = time.perf_counter()
@@ -137,7 +137,7 @@ def main() -> None:
         return
 
     from captioner.api import Captioner
-    from captioner.apps.batch import caption_paths
+    from captioner.apps.batch import BatchOptions, caption_paths
     from captioner.config import DecodeConfig
     from captioner.features import image_loader
 
@@ -147,7 +147,7 @@ def main() -> None:
 
     captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
     config = DecodeConfig(strategy="beam", beam_size=3)
-    caption_paths([paths[0]], captioner, config, progress=False)  # warm-up
+    caption_paths([paths[0]], captioner, config, BatchOptions(progress=False))  # warm-up
     batches = [batch.images for batch in image_loader(paths, captioner.encoder, batch_size=args.batch_size)]
     rounds: list[dict[str, float]] = []
     peak_rss_mb = 0.0
@@ -171,8 +171,8 @@ def main() -> None:
             # The same library call as the command, with the model already loaded: the steady state of a
             # long run, where start-up (imports, model load) is paid once.
             start = time.perf_counter()
-            caption_paths([str(listing)], captioner, config, output=str(Path(tmp) / f"steady{number}.jsonl"),
-                          batch_size=args.batch_size, progress=False)
+            caption_paths([str(listing)], captioner, config, BatchOptions(
+                output=Path(tmp) / f"steady{number}.jsonl", batch_size=args.batch_size, progress=False))
             figures["steady"] = len(paths) / (time.perf_counter() - start)
             # the bare CNN on the same images, already decoded and normalised in memory, same batch size
             figures["bare"] = bare_forward_images_per_second(captioner.encoder, batches)
@@ -185,9 +185,9 @@ def main() -> None:
                         "one loader worker process": {"num_workers": 1}}
             for number, (name, overrides) in enumerate(settings.items()):
                 start = time.perf_counter()
-                caption_paths([str(listing)], captioner, config,
-                              output=str(Path(tmp) / f"variant{number}.jsonl"), progress=False,
-                              **{"batch_size": args.batch_size, **overrides})
+                caption_paths([str(listing)], captioner, config, BatchOptions(
+                    output=Path(tmp) / f"variant{number}.jsonl", progress=False,
+                    **{"batch_size": args.batch_size, **overrides}))
                 variants[name] = len(paths) / (time.perf_counter() - start)
 
     stages = stage_seconds(captioner, paths, args.batch_size)
@@ -212,7 +212,7 @@ def main() -> None:
     print(f"   peak RSS {peak_rss_mb:.0f} MB (target <= 1536 MB)")
 
     if args.memory:
-        from captioner.rerank import RerankConfig
+        from captioner.config import RerankConfig
 
         start = time.perf_counter()
         reranking = Captioner.from_pretrained(args.checkpoint, device="cpu", memory=args.memory)
@@ -222,8 +222,8 @@ def main() -> None:
         candidates = RerankConfig().candidates
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            caption_paths(paths, reranking, config, output=str(Path(tmp) / "reranked.jsonl"),
-                          batch_size=args.batch_size, progress=False)
+            caption_paths(paths, reranking, config, BatchOptions(output=Path(tmp) / "reranked.jsonl",
+                                                                 batch_size=args.batch_size, progress=False))
             rate = len(paths) / (time.perf_counter() - start)
         p50, p95 = demo_latency(reranking, paths)
         split = ", ".join(f"{name} {value:.2f} s" for name, value in stage_seconds(reranking, paths, args.batch_size).items())

@@ -16,7 +16,7 @@ The Flickr8k table (BLEU-1..4, CIDEr-D, ROUGE-L, Obj-F1) has these rows:
                       checkpoint's own CNN's ImageNet head, at DecodeConfig's default threshold);
   ensemble            with --ensemble, all checkpoints decoded jointly (beam 3);
   + re-ranking        with --rerank, each checkpoint's beam candidates re-ranked by consensus with a caption
-                      memory of the training split (`captioner.rerank`, default settings);
+                      memory of the training split (`captioner.decoding.rerank`, default settings);
   literature          published Flickr8k test scores (Xu et al. 2015, Table 1), for reference only: their
                       BLEU came from other tokenisation and code, and they report no CIDEr-D or ROUGE-L.
 
@@ -37,7 +37,7 @@ The photos go through each checkpoint's own CNN (`encode_images`), cached under 
 Nothing is trained, and nothing is chosen on coco-dev here: it is only scored. Flickr8k features come
 from caches made by `captioner features` (each checkpoint reads the cache its encoder made; the
 nearest-neighbour row uses the first cache); a checkpoint that carries its own fine-tuned CNN reads a
-cache of that CNN (`captioner features --from-checkpoint`) when one is given, else runs it on the images.
+cache of that CNN (`captioner features --checkpoint`) when one is given, else runs it on the images.
 `--split val` scores val instead (choose settings there; score test once).
 """
 
@@ -64,10 +64,10 @@ from captioner.concepts import imagenet_head
 from captioner.config import DecodeConfig
 from captioner.data import load_dataset
 from captioner.data.records import CaptionRecord
+from captioner.decoding import decode_features
 from captioner.encoders import checkpoint_encoder
-from captioner.evaluation import checkpoint_concept_logits, join_member_features
+from captioner.evaluation.evaluate import checkpoint_concept_logits, join_member_features
 from captioner.features import FeatureCache, encode_images, record_features
-from captioner.inference import decode_features
 from captioner.metrics import METRIC_NAMES, CiderD, object_mention_f1, score_captions
 from captioner.metrics.common import ngram_counts
 from captioner.text import tokenize
@@ -338,8 +338,8 @@ def flickr8k_table(args: argparse.Namespace, dataset, checkpoints: list) -> dict
                                            DecodeConfig(concept_threshold=threshold), concept_logits=logits)
                 score(f"{label} beam 3 + concepts (p >= {threshold})", records, [c[0].text for c in captions])
         if args.rerank:
-            from captioner.evaluation import build_memory
-            from captioner.rerank import reranker_for
+            from captioner.decoding.memory import build_memory
+            from captioner.decoding.rerank import reranker_for
 
             memory = build_memory(dataset, "train", checkpoint, caches_for(checkpoint), 64, device)
             reranker = reranker_for(memory, checkpoint.encoder, str(checkpoint.path))
@@ -348,7 +348,7 @@ def flickr8k_table(args: argparse.Namespace, dataset, checkpoints: list) -> dict
             score(f"{label} beam {reranker.config.candidates} + re-ranking", records, [c[0].text for c in captions])
 
     if args.ensemble and len(checkpoints) > 1:
-        from captioner.ensemble import EnsembleDecoder
+        from captioner.decoding.ensemble import EnsembleDecoder
 
         records, features, _ = join_member_features(split, [member_features(c) for c in checkpoints])
         ensemble = EnsembleDecoder([c.model for c in checkpoints]).eval()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from captioner.images import ImageLoadError, load_image
+from captioner.utils import write_text_atomic
 
 THUMBNAIL_SIZE = 256
 _REQUIRED_KEYS = ("image_id", "image_path", "caption", "references", "cider")
@@ -127,6 +128,5 @@ def write_html_report(path: str | Path, items: Sequence[Mapping], title: str, sc
             f"<title>{title_html}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
             + "\n".join(sections) + "\n</body>\n</html>\n")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
     return path

@@ -1,28 +1,14 @@
-"""Consensus re-ranking of beam candidates with a memory of captioned training images.
+"""The caption memory of consensus re-ranking: CNN features of captioned training images with their captions.
 
-Devlin et al. 2015 ("Exploring nearest neighbor approaches for image captioning"; "Language models for
-image captioning: the quirks and what works") choose, among a captioner's candidates, the one that agrees
-best with the captions people wrote for the most similar training images. Here:
-
-1. beam search writes `candidates` captions for the photo (its n-best list);
-2. the photo's CNN feature finds its `neighbours` nearest training images (cosine similarity) in a
-   `CaptionMemory`, which holds the training images' features and their reference captions;
-3. each candidate gets its consensus: its CIDEr-D against all those neighbours' references together
-   (document frequencies from all the memory's captions; CIDEr-D averages over references, so with as
-   many captions per image this is the mean over the neighbours), plus `model_weight` times its beam
-   score (length-normalised log-prob);
-4. the candidates are returned in that order, best first.
-
-The decoder is unchanged; the memory is data the user builds from their own training split with
-`captioner memory` (it is never shipped: it holds the dataset's captions). It must come from the same
-CNN as the checkpoint (checked by weights hash), and an evaluation refuses a memory that holds images of
+`captioner memory` builds it (`build_memory`) from the user's own training split (it is never shipped: it
+holds the dataset's captions); `captioner.decoding.rerank` reads it. It must come from the same CNN as the
+checkpoint it serves (checked by weights hash), and an evaluation refuses a memory that holds images of
 the split it scores.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captioner.checkpoint import atomic_save, read_raw
-from captioner.config import RerankConfig
+from captioner.checkpoint import Checkpoint, atomic_save, read_raw
+from captioner.encoders.identity import check_same_cnn
+from captioner.features.records import record_features
+from captioner.images import DEFAULT_MAX_PIXELS
 from captioner.metrics.cider import CiderD
 from captioner.text import tokenize
 
@@ -105,11 +93,8 @@ class CaptionMemory:
 
     def check_encoder(self, encoder: dict[str, Any], owner: str) -> None:
         """Refuse a memory whose features come from another CNN than `owner`'s (a checkpoint's encoder entry)."""
-        mine, theirs = self.encoder.get("weights_hash"), encoder.get("weights_hash")
-        if self.encoder.get("encoder") != encoder.get("encoder") or (mine and theirs and mine != theirs):
-            raise CaptionMemoryError(f"{owner}: its CNN is {encoder.get('encoder')} with weights {theirs}, but the caption "
-                               f"memory was built with {self.encoder.get('encoder')} weights {mine}; build the "
-                               f"memory with `captioner memory --checkpoint` for this checkpoint")
+        check_same_cnn(self.encoder, encoder, owner, "the caption memory was built with", "its CNN is",
+                       "build the memory with `captioner memory --checkpoint` for this checkpoint", CaptionMemoryError)
 
     def check_disjoint(self, image_ids: list[str], split: str) -> None:
         """Refuse to score images whose own captions are in the memory (they would vote for themselves)."""
@@ -132,52 +117,14 @@ class CaptionMemory:
         return self.scorer.score_pooled(candidates, neighbours)
 
 
-@dataclass
-class ConsensusReranker:
-    """A caption memory with its re-ranking settings: what `decode_features(..., reranker=)` takes."""
-
-    memory: CaptionMemory
-    config: RerankConfig = RerankConfig()
-
-    def rerank(self, features: Tensor, nbest: list[list[Any]], n_best: int = 1) -> list[list[Any]]:
-        return rerank(self.memory, features, nbest, self.config, n_best)
-
-
-def reranker_for(memory: str | Path | CaptionMemory, encoder: dict[str, Any], owner: str,
-                 config: RerankConfig | None = None) -> ConsensusReranker:
-    """A reranker with `memory` (a file or a loaded memory), refused unless its features come from the
-    CNN of `owner`, whose encoder entry is `encoder`."""
-    if not isinstance(memory, CaptionMemory):
-        memory = CaptionMemory.load(memory)
-    memory.check_encoder(encoder, owner)
-    return ConsensusReranker(memory, config or RerankConfig())
-
-
-def rerank(memory: CaptionMemory, features: Tensor, nbest: list[list[Any]], config: RerankConfig,
-           n_best: int = 1) -> list[list[Any]]:
-    """Re-order each image's candidates (objects with .text and .score) by consensus; keep `n_best`.
-
-    features: the images' CNN features (B, D), one row per n-best list. Each kept candidate's
-    `consensus` attribute is set when it has one (`inference.Caption` does).
-    """
-    if features.size(0) != len(nbest):
-        raise ValueError(f"rerank: {features.size(0)} feature rows for {len(nbest)} candidate lists")
-    if not nbest:
-        return []
-    nearest = memory.neighbours(features, config.neighbours).tolist()
-    results = []
-    for candidates, neighbours in zip(nbest, nearest, strict=True):
-        if not candidates:
-            results.append([])
-            continue
-        agreement = memory.consensus([tokenize(c.text) for c in candidates], neighbours)
-        total = agreement + config.model_weight * np.array([c.score for c in candidates])
-        order = np.argsort(-total, kind="stable")[:n_best]
-        chosen = []
-        for i in order:
-            candidate = candidates[int(i)]
-            if hasattr(candidate, "consensus"):
-                candidate = replace(candidate, consensus=float(agreement[int(i)]))
-            chosen.append(candidate)
-        results.append(chosen)
-    return results
+def build_memory(dataset: Any, split: str, checkpoint: Checkpoint, features_dirs: list[str | Path], batch_size: int,
+                 device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS) -> CaptionMemory:
+    """A caption memory of one split's images (features from a matching cache, else the checkpoint's CNN)."""
+    records = dataset.split(split)
+    if not records:
+        raise ValueError(f"the dataset has no {split!r} images to build a caption memory from")
+    records, features, problems = record_features(records, checkpoint.encoder, features_dirs, batch_size,
+                                                  device, checkpoint.encoder_state, max_pixels)
+    for problem in problems:
+        print(f"warning: left out of the memory: {problem}")
+    return CaptionMemory.build(records, features, checkpoint.encoder)

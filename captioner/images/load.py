@@ -4,7 +4,7 @@
 names the file and the reason. For a path it first checks what the path is (only regular files are
 opened: a named pipe, socket or device would block or never end) and reads the file in a worker
 thread that gives up when no byte arrives for `read_timeout` seconds (a stalled network mount); that
-reading lives in `captioner.image_files`.
+reading lives in `captioner.images.files`.
 JPEGs are decoded at reduced scale when the caller needs fewer pixels (`draft_size`) or when the full
 size would exceed `max_pixels`; every other format must be decoded in full, so its header size is
 checked against `max_pixels` before any pixel is decoded. HEIC/HEIF photos are read through
@@ -25,12 +25,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from captioner.image_files import (  # noqa: F401  (ImageLoadError: the error of load_image too)
-    DEFAULT_READ_TIMEOUT,
-    ImageLoadError,
-    file_size_limit,
-    read_image_file,
-)
+from captioner.images.files import DEFAULT_READ_TIMEOUT, ImageLoadError, file_size_limit, read_image_file
+
+ImageSource = str | os.PathLike | bytes | Image.Image  # what `load_image` opens: a path, encoded bytes, a PIL image
 
 DEFAULT_MAX_PIXELS = 40_000_000
 # A sequential JPEG decoded at 1/8 scale has 1/64 of its header's pixels and needs only a few rows of
@@ -54,8 +51,17 @@ _VIDEO_BRANDS = {b"isom", b"iso2", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", 
                  b"3gp4", b"3gp5", b"3gp6", b"3g2a", b"avc1", b"dash", b"MSNV", b"f4v "}
 
 
+def source_name(source: ImageSource) -> str:
+    """How errors name `source`: its path, `<N bytes>` or `<PIL image>` (as `ImageLoadError.path`)."""
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    return str(Path(source))
+
+
 def load_image(
-    source: str | Path | bytes | Image.Image,
+    source: ImageSource,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | None = None,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
@@ -70,18 +76,18 @@ def load_image(
         pixels. None (the default) decodes at full size when the limit allows.
     read_timeout: seconds without a byte after which reading a file is given up (a stalled mount).
     """
+    if not isinstance(source, (Image.Image, bytes, bytearray, memoryview, str, os.PathLike)):
+        raise TypeError(f"load_image expects a path, bytes or a PIL image, not {type(source).__name__}")
+    name = source_name(source)
     if isinstance(source, Image.Image):
-        return _to_upright_rgb(_loaded(source, "<PIL image>", max_pixels), "<PIL image>")
+        return _to_upright_rgb(_loaded(source, name, max_pixels), name)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        name = f"<{len(source)} bytes>"
         data = bytes(source)
         if not data:
             raise ImageLoadError(name, "empty (0 bytes)")
         return _decode(io.BytesIO(data), name, max_pixels, draft_size, head=data[:512])
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"load_image expects a path, bytes or a PIL image, not {type(source).__name__}")
     data = read_image_file(source, timeout=read_timeout, max_bytes=file_size_limit(max_pixels))
-    return _decode(io.BytesIO(data), str(Path(source)), max_pixels, draft_size, head=data[:512])
+    return _decode(io.BytesIO(data), name, max_pixels, draft_size, head=data[:512])
 
 
 def _ftyp_brands(head: bytes) -> set[bytes]:

@@ -1,9 +1,11 @@
-"""Image features -> caption strings, shared by training validation, evaluation and every door.
+"""Image features -> captions: the step every door (validation, evaluation, the API, the batch command,
+the demo) decodes through.
 
-With the ImageNet logits of the same photos (`concept_logits`, from the CNN's own classifier:
-`captioner.concepts.concept_logits_for`), each photo's confident concepts that the vocabulary can say are
-chosen (`DecodeConfig.concept_threshold`, `max_constraints`), beam search is made to mention them
-(`captioner.constrained`), and every caption carries them.
+`decode` runs `config.strategy` on a StepModel and gives token hypotheses; `decode_features` turns a
+decoder's features into `Caption`s. With the ImageNet logits of the same photos (`concept_logits`, from
+the CNN's own classifier: `captioner.concepts.concept_logits_for`), each photo's confident concepts that
+the vocabulary can say are chosen (`DecodeConfig.concept_threshold`, `max_constraints`), beam search is
+made to mention them (its constraint states, `captioner.decoding.beam`), and every caption carries them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,29 @@ from torch import Tensor
 
 from captioner.concepts import Concept, ConceptDetector, concept_token_ids, constraint_concepts
 from captioner.config import DecodeConfig
-from captioner.constrained import constrained_beam_search
-from captioner.decoding import Hypothesis, decode
+from captioner.decoding.beam import beam_search
+from captioner.decoding.sampling import greedy, sample
+from captioner.decoding.step import Hypothesis, StepModel
 from captioner.model import CaptionDecoder
 from captioner.text import Vocabulary
 
 if TYPE_CHECKING:
-    from captioner.rerank import ConsensusReranker
+    from captioner.decoding.rerank import ConsensusReranker
+
+
+def decode(model: StepModel, image_features: Tensor, config: DecodeConfig, start_id: int, end_id: int,
+           suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None
+           ) -> list[list[Hypothesis]]:
+    """Caption every image with `config.strategy`; for each image, `config.n_best` hypotheses best first.
+
+    Beam search returns fewer for an image only when fewer captions with a finite log-prob exist (a toy
+    vocabulary, or the token rules leaving nothing to emit).
+    """
+    if config.strategy == "greedy":
+        return greedy(model, image_features, config, start_id, end_id, suppress_ids)
+    if config.strategy == "sample":
+        return sample(model, image_features, config, start_id, end_id, suppress_ids, generator)
+    return beam_search(model, image_features, config, start_id, end_id, suppress_ids)
 
 
 @dataclass
@@ -57,9 +75,9 @@ def decode_features(model: CaptionDecoder, vocab: Vocabulary, features: Tensor, 
     """Caption every row of `features` (N, D); returns n-best Captions per row, best first.
 
     With a `reranker` (beam search only), the beam writes `reranker.config.candidates` captions per image
-    and they come back in consensus order (`captioner.rerank`), `config.n_best` of them; with concepts,
-    every candidate mentions them (when it can), so re-ranking chooses among captions that name them.
-    `concept_logits`: the photos' ImageNet logits (N, 1000), rows as `features`; None, or
+    and they come back in consensus order (`captioner.decoding.rerank`), `config.n_best` of them; with
+    concepts, every candidate mentions them (when it can), so re-ranking chooses among captions that name
+    them. `concept_logits`: the photos' ImageNet logits (N, 1000), rows as `features`; None, or
     `config.concept_threshold` None, decodes without concepts, exactly as plain decoding does."""
     if concept_logits is not None and concept_logits.size(0) != features.size(0):
         raise ValueError(f"concept_logits has {concept_logits.size(0)} rows for {features.size(0)} images")
@@ -80,21 +98,18 @@ def decode_features(model: CaptionDecoder, vocab: Vocabulary, features: Tensor, 
         for start in range(0, features.size(0), batch_size):
             chunk = features[start:start + batch_size].to(device=device, dtype=torch.float32)
             chunk_concepts = [[]] * chunk.size(0) if concepts is None else concepts[start:start + batch_size]
-            constrained = config.strategy == "beam" and any(chunk_concepts)
-            if constrained:
+            if config.strategy == "beam" and any(chunk_concepts):
                 constraints = [[concept_token_ids(c.word, vocab.index) for c in image_concepts]
                                for image_concepts in chunk_concepts]
-                hypotheses: Sequence[Sequence[Hypothesis]] = constrained_beam_search(
-                    model, chunk, config, vocab.start_id, vocab.end_id, constraints, suppress_ids=suppress)
+                hypotheses = beam_search(model, chunk, config, vocab.start_id, vocab.end_id, suppress_ids=suppress,
+                                         constraints=constraints)
             else:
-                hypotheses = decode(model, chunk, config, vocab.start_id, vocab.end_id,
-                                    suppress_ids=suppress, generator=generator)
+                hypotheses = decode(model, chunk, config, vocab.start_id, vocab.end_id, suppress_ids=suppress,
+                                    generator=generator)
             for image_hypotheses, image_concepts in zip(hypotheses, chunk_concepts, strict=True):
                 results.append([
                     Caption(" ".join(vocab.decode(h.tokens)), h.log_prob, h.score, h.finished,
-                            concepts=list(image_concepts),
-                            # a photo without concepts in a constrained chunk was searched as plain beam search
-                            constraints_met=getattr(h, "constraints_met", None) if image_concepts else None)
+                            concepts=list(image_concepts), constraints_met=h.constraints_met)
                     for h in image_hypotheses])
     finally:
         model.train(was_training)

@@ -1,7 +1,7 @@
 """Reading image files safely, before any decoding: only regular files are opened (a named pipe, socket or
 device would block or never end), files larger than a pixel limit admits are refused unread, and reads run
 in a worker thread that gives up when no byte arrives for a while (a stalled network mount).
-`captioner.images.load_image` decodes what this reads; `ImageLoadError` is the error of both.
+`captioner.images.load.load_image` decodes what this reads; `ImageLoadError` is the error of both.
 """
 
 from __future__ import annotations

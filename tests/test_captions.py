@@ -8,10 +8,11 @@ import torch
 from helpers import CAPTION_WORDS
 
 from captioner.concepts import load_concept_map
-from captioner.config import MAX_CONSTRAINTS, DecodeConfig, ModelConfig
-from captioner.inference import decode_features
+from captioner.config import MAX_CONSTRAINTS, DecodeConfig, ModelConfig, RerankConfig
+from captioner.decoding import decode_features
+from captioner.decoding.memory import CaptionMemory
+from captioner.decoding.rerank import ConsensusReranker
 from captioner.model import CaptionDecoder
-from captioner.rerank import CaptionMemory, ConsensusReranker, RerankConfig
 from captioner.text import Vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models crawl with spinning threads
