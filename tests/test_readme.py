@@ -113,6 +113,8 @@ def _lenient_parser(complete: bool = True) -> argparse.ArgumentParser:
                 if not action.option_strings:  # a positional argument
                     action.nargs = "*" if action.nargs in ("+", "*") else "?"
                     action.default = action.default if action.nargs == "*" else None
+                elif action.nargs is None:  # prose may name an option without its value
+                    action.nargs = "?"
 
         def fail(message, each=each):
             raise ValueError(f"{each.prog}: {message}")
@@ -154,7 +156,7 @@ def test_a_wrong_flag_in_the_docs_would_be_caught():
     with pytest.raises((ValueError, argparse.ArgumentError)):
         _lenient_parser().parse_args(_argv("captioner train --data D --features F --out R --epochs two"))
     with pytest.raises(ValueError, match="required"):
-        _lenient_parser().parse_args(_argv("captioner train --data D --out R"))
+        _lenient_parser().parse_args(_argv("captioner train --data D"))
     _lenient_parser(complete=False).parse_args(_argv("captioner train --init-from CKPT"))  # a fragment
     with pytest.raises(ValueError, match="unrecognized arguments"):
         _lenient_parser(complete=False).parse_args(_argv("captioner train --no-such-flag"))
