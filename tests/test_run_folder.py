@@ -281,3 +281,12 @@ def test_memory_refuses_an_existing_file_unless_overwrite(data, tmp_path, capsys
     assert main([*argv, "--overwrite"]) == 0
     assert main([*argv[:-1], str(memory.parent)]) == 2
     assert "a folder; give the memory's file name as --out" in error_line(capsys)
+
+
+@pytest.mark.slow
+def test_a_run_folder_that_cannot_be_made_is_one_line(data, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "run"  # its parent is a file: the folder cannot be made
+    assert main(train_argv(data, out, epochs=1)) == 2
+    assert error_line(capsys) == (f"captioner train: error: {out}: Not a directory; a part of the path is a file, "
+                                  "not a folder: check the path")

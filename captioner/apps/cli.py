@@ -12,6 +12,7 @@ continues where a command can resume.
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 from typing import Any
@@ -346,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+OS_ERROR_FIXES = {  # errno name -> what to do, after the file and the reason
+    "ENOSPC": "; free some space, then run the command again", "EDQUOT": "; free some space, then run it again",
+    "EACCES": "; write somewhere you may, or change the permissions", "EPERM": "; write somewhere you may",
+    "EROFS": "; the filesystem is read-only: write somewhere else",
+    "ENOTDIR": "; a part of the path is a file, not a folder: check the path",
+}
 RESUMABLE = {"train": "the epochs finished so far are saved in --out",
              "finetune": "the epochs finished so far are saved in --out",
              "features": "the features computed so far are kept in --out"}
@@ -372,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"captioner {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a folder that cannot be written, a full disk: the file and the reason
-        print(f"captioner {args.command}: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        where = f"{error.filename}: " if error.filename else ""
+        fix = OS_ERROR_FIXES.get(errno.errorcode.get(error.errno or 0, ""), "")
+        print(f"captioner {args.command}: error: {where}{error.strerror or one_line(error)}{fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted_message(args.command, argv), file=sys.stderr)
