@@ -7,8 +7,9 @@ import shutil
 import pytest
 from helpers import REPO_ROOT
 
-from captioner.apps.batch import ResultWriter, expand_inputs
 from captioner.apps.cli import main
+from captioner.apps.inputs import expand_inputs
+from captioner.apps.outputs import ResultWriter
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_a_group_of_rows_is_one_write_call(tmp_path, monkeypatch, suffix):
     image's n-best CSV rows are never left half-written."""
     import os
 
-    from captioner.apps.batch import result_row
+    from captioner.apps.outputs import result_row
     from captioner.decoding import Caption
 
     writes = []
@@ -118,12 +119,12 @@ def test_a_group_of_rows_is_one_write_call(tmp_path, monkeypatch, suffix):
     writer.write(rows)
     writer.write(rows[:2])
     assert len(writes) == 2 and writes[0] > 8192  # bigger than a buffered writer's chunk
-    again = ResultWriter(tmp_path / f"out{suffix}", resume=True)
-    assert again.done == {row["image"] for row in rows}
     if suffix == ".csv":
         with open(tmp_path / "out.csv", newline="") as handle:
             table = list(csv.DictReader(handle))
         assert len(table) == 3 * 202 + 1 and table[0]["caption"] == captions[0].text
+    again = ResultWriter(tmp_path / f"out{suffix}", resume=True)  # done: the captioned; bad.jpg is tried again
+    assert again.done == {row["image"] for row in rows[:-1]} and again.retried == 1
 
 
 @pytest.mark.slow
