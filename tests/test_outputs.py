@@ -294,6 +294,30 @@ def test_an_output_on_a_read_only_filesystem(tmp_path, fake_captioner, capsys, m
                                  "--output on a writable disk")
 
 
+@pytest.mark.parametrize("real", [True, False], ids=["chmod", "simulated"])
+def test_an_output_where_writing_is_not_permitted(tmp_path, fake_captioner, capsys, monkeypatch, real):
+    image = photo(tmp_path / "a.jpg")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if real:
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):
+            folder.chmod(0o755)
+            pytest.skip("this process writes whatever the permissions (root); the simulated case covers it")
+    else:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    try:
+        output = folder / "g.jsonl"
+        assert main(["caption", image, "-o", str(output)]) == 2
+        assert one_error_line(capsys.readouterr().err) == (
+            f"--output {output}: permission denied (cannot write to {folder}); choose an --output in a folder you "
+            "can write to")
+    finally:
+        folder.chmod(0o755)
+    assert fake_captioner.seen == []
+
+
 def short_then_full(monkeypatch, after_bytes: int) -> None:
     """os.write as on a disk with `after_bytes` free: a write that would pass it writes what fits, and the next
     raises ENOSPC (Errno 28)."""
@@ -310,10 +334,21 @@ def short_then_full(monkeypatch, after_bytes: int) -> None:
     monkeypatch.setattr(os, "write", write)
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def images_in(output: Path) -> list[str]:
+    if output.suffix == ".jsonl":
+        return [row["image"] for row in jsonl_rows(output)]
+    if output.suffix == ".csv":
+        return [row["image"] for row in csv_table(output)]
+    return [row["image"] for row in json.loads(output.read_text())]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".json"])
 @pytest.mark.parametrize("real", [True, False], ids=["tmpfs", "simulated"])
 def test_a_full_disk_keeps_the_groups_written_and_resume_finishes(tmp_path, fake_captioner, capsys, monkeypatch,
                                                                   tmpfs_mount, suffix, real):
+    if suffix == ".json" and not real:
+        pytest.skip(".json is rewritten through a temporary file, whose writes the os.write stand-in does not "
+                    "reach; the tmpfs case fills a real disk")
     fake_captioner.caption_prefix = "a long caption that fills the disk quickly " * 4
     names = [photo(tmp_path / "photos" / f"p{i:03d}.jpg") for i in range(120)]
     folder = tmpfs_mount("small", size="12k") if real else tmp_path / "out"
@@ -329,18 +364,15 @@ def test_a_full_disk_keeps_the_groups_written_and_resume_finishes(tmp_path, fake
                        "before are kept: free some space, then rerun with --resume")
     # the file ends after a whole group: every row is complete, none repeated
     data = output.read_bytes()
-    assert data.endswith(b"\n")
-    images = ([row["image"] for row in jsonl_rows(output)] if suffix == ".jsonl"
-              else [row["image"] for row in csv_table(output)])
-    assert images == names[:kept]
+    assert data.endswith(b"\n") or suffix == ".json"
+    assert images_in(output) == names[:kept]
     # space is freed (here: the results move to a disk with room) and the run resumed
     monkeypatch.setattr(os, "write", real_write)
     roomy = tmp_path / f"moved{suffix}"
     roomy.write_bytes(data)
     assert main(["caption", str(tmp_path / "photos"), "-o", str(roomy), "--resume"]) == 0
-    images = ([row["image"] for row in jsonl_rows(roomy)] if suffix == ".jsonl"
-              else [row["image"] for row in csv_table(roomy)])
-    assert images == names and roomy.read_bytes().startswith(data)
+    assert images_in(roomy) == names
+    assert roomy.read_bytes().startswith(data) or suffix == ".json"
 
 
 # ------------------------------------------------------------------------------------------- interrupt
@@ -392,3 +424,39 @@ def test_ctrl_c_names_the_exact_resume_rerun(tmp_path):
     table = list(csv.DictReader(io.StringIO(output.read_text(), newline="")))
     assert [Path(row["image"]).name for row in table] == ["a.jpg", "b.jpg", "c.jpg"]
     assert list(table[0]) == CSV_FIELDS
+
+
+# ------------------------------------------------------------------------------------ torchrun shares
+def test_sharded_resume_retries_errors_of_the_output_and_of_leftover_shares(tmp_path, fake_captioner):
+    """The merge of an interrupted run under torchrun, finished by one process (no torchrun start): error rows
+    in the output and in a leftover rank file are tried again; each image ends up with one row."""
+    from captioner.apps.batch import BatchOptions, caption_paths_sharded, rank_file
+    from captioner.config import DecodeConfig
+    from captioner.decoding import Caption
+
+    names = [photo(tmp_path / "photos" / f"p{i}.jpg") for i in range(6)]
+    output = tmp_path / "out.jsonl"
+
+    def row(name: str, error: str) -> str:
+        return json.dumps(result_row(name, error=error)) + "\n"
+
+    output.write_text(row(names[0], "not an image") + json.dumps(result_row(names[1], [Caption("kept", -1, -1, True)]))
+                      + "\n")
+    rank_file(output, 1).write_text(row(names[2], "not an image") + row(names[3], "not an image"))
+    options = BatchOptions(output=output, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="already exists; pass --resume to continue it, --overwrite to replace it"):
+        caption_paths_sharded([str(tmp_path / "photos")], fake_captioner, DecodeConfig(), options)
+    status = caption_paths_sharded([str(tmp_path / "photos")], fake_captioner, DecodeConfig(),
+                                   BatchOptions(output=output, resume=True, batch_size=2, progress=False))
+    assert status == 0
+    rows = jsonl_rows(output)
+    assert sorted(r["image"] for r in rows) == names and all(r["error"] is None for r in rows)
+    assert next(r for r in rows if r["image"] == names[1])["caption"] == "kept"
+    assert sorted(fake_captioner.seen) == sorted(set(names) - {names[1]})
+    assert not rank_file(output, 1).exists()
+    # --overwrite: leftover shares are deleted, the output replaced by the merge
+    rank_file(output, 0).write_text(row(names[4], "stale"))
+    status = caption_paths_sharded([str(tmp_path / "photos" / "p0.jpg")], fake_captioner, DecodeConfig(),
+                                   BatchOptions(output=output, overwrite=True, batch_size=2, progress=False))
+    assert status == 0 and [r["image"] for r in jsonl_rows(output)] == [names[0]]
+    assert not rank_file(output, 0).exists()
