@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="default: the shipped Flickr8k checkpoint")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     p.add_argument("--output", "-o", default=None, help="results file: .jsonl, .csv or .json (default: print)")
-    p.add_argument("--resume", action="store_true", help="skip images already in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --output: skip the images captioned there, try again those that failed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--batch-size", type=int, default=32, help="images per CNN batch")
     p.add_argument("--decode-batch-size", type=int, default=128,
                    help="images decoded together (batched beam search is faster on bigger batches); results are "
