@@ -4,10 +4,12 @@ CAPTIONER_REQUIRE_SHARED_DATA=1 (set by .ci/run), in which case its absence is a
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, FakeCaptioner
 
 FLICKR8K_DIR = Path(os.environ.get("CAPTIONER_FLICKR8K", REPO_ROOT.parent / "shared" / "data" / "flickr8k"))
 COCO_DEV_DIR = Path(os.environ.get("CAPTIONER_COCO_DEV", REPO_ROOT.parent / "shared" / "data" / "coco-dev"))
@@ -130,3 +132,40 @@ def toy_checkpoint(tmp_path_factory) -> Path:
     assert loss.item() < 0.5, f"the tiny decoder did not learn its captions (loss {loss.item():.2f})"
     return save_checkpoint(tmp_path_factory.mktemp("toy-checkpoint") / "model.safetensors", model, vocab,
                            encoder={"encoder": "efficientnet_lite0"})
+
+
+@pytest.fixture
+def fake_captioner(monkeypatch) -> FakeCaptioner:
+    """helpers.FakeCaptioner behind `captioner caption` (Captioner.from_pretrained returns it): the batch door's
+    bookkeeping tested without a model."""
+    from captioner.api import Captioner
+
+    fake = FakeCaptioner()
+    monkeypatch.setattr(Captioner, "from_pretrained", fake.from_pretrained)
+    return fake
+
+
+@pytest.fixture
+def tmpfs_mount(tmp_path):
+    """`tmpfs_mount(name, size="16k", read_only=False)`: a small real filesystem at tmp_path/name (a full disk
+    or a read-only one, for the output-file tests); skipped, with the reason, where mounting is not allowed
+    (not root, or a container without the mount capability). Unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "16k", read_only: bool = False) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a real small or read-only filesystem needs `mount` as root; the simulated case covers it")
+        target = tmp_path / name
+        target.mkdir()
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}); the simulated case covers it")
+        mounted.append(target)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True, capture_output=True)
+        return target
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], capture_output=True)

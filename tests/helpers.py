@@ -132,3 +132,47 @@ def train_argv(data: dict[str, Path], out: Path, *extra: str, epochs: int = 2, d
     return ["train", "--data", str(data["data"]), "--features", str(data["features"]), "--out", str(out),
             "--epochs", str(epochs), "--batch-size", "16", "--min-word-count", "1", *shape, "--val-beam-size", "1",
             *extra]
+
+
+class FakeCaptioner:
+    """Stands in for `Captioner` in tests of the batch door's bookkeeping (inputs, resume, output files):
+    `stream` captions a file whose bytes start with b"photo" as "a photo of <its name>" and gives any other
+    file the error "not an image", in groups of `decode_batch_size`; no model runs. A file starting with
+    b"stall" is captioned too, after `stall_seconds` (time to interrupt the run). `from_pretrained` returns
+    the instance, so `monkeypatch.setattr(Captioner, "from_pretrained", fake.from_pretrained)` puts it behind
+    the `captioner caption` command."""
+
+    def __init__(self, caption_prefix: str = "a photo of ", stall_seconds: float = 0.0) -> None:
+        self.caption_prefix = caption_prefix
+        self.stall_seconds = stall_seconds
+        self.seen: list[str] = []  # every path streamed, in order
+
+    def from_pretrained(self, *args, **kwargs) -> FakeCaptioner:
+        return self
+
+    def stream(self, paths, config, *, batch_size=32, decode_batch_size=None, num_workers=None):
+        import time
+
+        from captioner.decoding import Caption
+        from captioner.pipeline import ImageCaptions
+
+        group_size = decode_batch_size or batch_size
+        group = []
+        for index, path in enumerate(paths):
+            self.seen.append(path)
+            try:
+                with open(path, "rb") as handle:
+                    start = handle.read(5)
+            except OSError as error:
+                group.append(ImageCaptions(index, error=f"cannot open file ({error.strerror})"))
+            else:
+                if start == b"stall":
+                    time.sleep(self.stall_seconds)
+                text = self.caption_prefix + Path(path).stem
+                group.append(ImageCaptions(index, [Caption(text, -1.5, -0.75, True)] * config.n_best)
+                             if start in (b"photo", b"stall") else ImageCaptions(index, error="not an image"))
+            if len(group) == group_size:
+                yield group
+                group = []
+        if group:
+            yield group

@@ -143,3 +143,10 @@ def test_a_runs_checkpoints_hold_no_machine_paths(trained, tmp_path):
     assert info["init_checkpoint"] == "first/best.safetensors" and info["data"] == "data/dataset_synthetic.json"
     assert main(train_argv(trained, second, "--skip-invalid", "--init-from", str(first), "--resume", epochs=1,
                            dim=None)) == 0  # the recorded init names the same file
+
+
+def test_an_error_naming_a_hostile_file_stays_one_plain_line(tmp_path, capsys):
+    name = tmp_path / "bad\x1b[31mname\nsecond line.safetensors"
+    assert main(["info", str(name)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "bad\\x1b[31mname\\nsecond line" in err

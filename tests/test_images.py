@@ -305,7 +305,7 @@ def test_heif_support_is_registered_lazily(tmp_path: Path) -> None:
 
 
 def test_heic_files_are_found_in_folders(tmp_path: Path) -> None:
-    from captioner.apps.batch import expand_inputs
+    from captioner.apps.inputs import expand_inputs
 
     for name in ("a.heic", "b.HEIF", "c.avif", "d.jpg", "e.txt"):
         (tmp_path / name).write_bytes(b"x")

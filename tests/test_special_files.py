@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner.apps.batch import expand_inputs
 from captioner.apps.cli import main
+from captioner.apps.inputs import expand_inputs
 from captioner.images import ImageLoadError, load_image, read_descriptor
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "demo" / "examples"

@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     p.add_argument("--output", "-o", default=None, help="results file: .jsonl, .csv or .json (default: print)")
-    p.add_argument("--resume", action="store_true", help="skip images already in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --output: skip the images captioned there, try again those that failed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--batch-size", type=int, default=32, help="images per CNN batch")
     p.add_argument("--decode-batch-size", type=int, default=128,
                    help="images decoded together (batched beam search is faster on bigger batches); results are "
@@ -381,13 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a folder that cannot be written, a full disk: the file and the reason
         where = f"{error.filename}: " if error.filename else ""
         fix = OS_ERROR_FIXES.get(errno.errorcode.get(error.errno or 0, ""), "")
-        print(f"captioner {args.command}: error: {where}{error.strerror or one_line(error)}{fix}", file=sys.stderr)
+        print(f"captioner {args.command}: error: {one_line(f'{where}{error.strerror or error}{fix}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted_message(args.command, argv), file=sys.stderr)
         return 130
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (a multi-line message's lines joined)."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+def one_line(error: BaseException | str) -> str:
+    """The error's message on one terminal line: line breaks and what else is not printable (in a file name,
+    say) escaped (`utils.printable`)."""
+    from captioner.utils import printable
+
+    return printable(str(error).strip())

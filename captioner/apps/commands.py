@@ -6,6 +6,7 @@ the library. Heavy modules (torch and what needs it) are imported inside the com
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -101,29 +102,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from captioner import distributed
     from captioner.api import Captioner
-    from captioner.apps.batch import (
-        BatchOptions,
-        ResultWriter,
-        caption_paths,
-        caption_paths_sharded,
-        check_sharded,
-    )
-    from captioner.utils import resolve_device
+    from captioner.apps.batch import BatchOptions, caption_paths, caption_paths_sharded, check_sharded
+    from captioner.apps.inputs import expand_inputs
+    from captioner.apps.outputs import check_output
+    from captioner.utils import printable, resolve_device
 
     config, rerank = decode_config(args), rerank_config(args)
-    options = BatchOptions(output=args.output, recursive=args.recursive, resume=args.resume,
+    options = BatchOptions(output=args.output, recursive=args.recursive, resume=args.resume, overwrite=args.overwrite,
                            batch_size=args.batch_size, decode_batch_size=args.decode_batch_size,
                            num_workers=args.workers)
-    with distributed.session(resolve_device(args.device), backend="gloo"):
-        if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
-            check_sharded(args.output, args.memory)
-            captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, max_pixels=args.max_pixels)
-            return caption_paths_sharded(args.paths, captioner, config, options)
-    if args.output:  # refuse an output that would be overwritten before loading the model
-        ResultWriter.check_output(args.output, args.resume)
-    captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, memory=args.memory, rerank=rerank,
-                                          max_pixels=args.max_pixels)
-    return caption_paths(args.paths, captioner, config, options)
+    try:
+        with distributed.session(resolve_device(args.device), backend="gloo"):
+            if distributed.is_distributed():  # under torchrun: one shard per rank, merged by rank 0
+                check_sharded(args.output, args.memory)
+                captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, max_pixels=args.max_pixels)
+                return caption_paths_sharded(args.paths, captioner, config, options)
+        # Before loading the model: refuse an output that would be overwritten or cannot be written, and
+        # inputs that name no image.
+        if args.output:
+            check_output(args.output, args.resume, args.overwrite)
+        scan = expand_inputs(args.paths, args.recursive).require_images()
+        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device, memory=args.memory,
+                                              rerank=rerank, max_pixels=args.max_pixels)
+        return caption_paths(scan, captioner, config, options)
+    except KeyboardInterrupt:
+        if not args.output:
+            print("captioner caption: interrupted; to continue an interrupted run later, write the results to a "
+                  "file with --output and rerun with --resume", file=sys.stderr)
+        else:
+            print(printable(f"captioner caption: interrupted; continue with: {resume_command(args)}"), file=sys.stderr)
+        return 130
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues an interrupted `captioner caption` run: the one typed, with --resume
+    (and without --overwrite). When this process was not started as that command (`main` called from
+    Python), its paths and output with --resume, and the note that the other options go with them."""
+    typed, note = sys.argv[1:], ""
+    if typed[:1] != ["caption"]:
+        typed, note = ["caption", *args.paths, "--output", str(args.output)], " (with the same other options)"
+    rerun = [arg for arg in typed if arg != "--overwrite"]
+    if "--resume" not in rerun:
+        rerun.append("--resume")
+    return shlex.join(["captioner", *rerun]) + note
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

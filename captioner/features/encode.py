@@ -9,18 +9,17 @@ computed from its cached row.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from captioner.checkpoint import load_checkpoint
 from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, checkpoint_encoder, get_encoder
 from captioner.features.loader import image_loader
 from captioner.images import DEFAULT_MAX_PIXELS, ImageSource
+from captioner.utils import progress_bar
 
 
 def encode_batch(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,7 @@ def encode_images(inputs: Sequence[ImageSource], encoder: Encoder, batch_size: i
     outputs: list[torch.Tensor] = []
     indices: list[int] = []
     failures: list[tuple[int, str]] = []
-    bar = tqdm(total=len(inputs), unit="img", desc="features", disable=None if progress else True, file=sys.stderr)
+    bar = progress_bar(desc="features", enabled=progress, total=len(inputs), unit="img")
     with bar:
         for batch in encoded_batches(inputs, encoder, batch_size=batch_size, num_workers=num_workers,
                                      draft=draft, max_pixels=max_pixels):

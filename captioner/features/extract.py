@@ -5,14 +5,12 @@ Under torchrun the work is sharded (`captioner.features.sharded`) and the result
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from captioner import distributed
 from captioner.encoders.registry import Encoder
@@ -31,6 +29,7 @@ from captioner.features.encode import encoded_batches
 from captioner.features.loader import jpeg_draft_size
 from captioner.features.sharded import merge_partials, rank_number, rank_partial_dirs
 from captioner.images import DEFAULT_MAX_PIXELS
+from captioner.utils import progress_bar
 
 
 def extract_features(
@@ -107,8 +106,7 @@ def extract_into(partial: PartialCache, todo: list[tuple[str, Path]], encoder: E
     batches = encoded_batches([path for _, path in todo], encoder, batch_size=batch_size, num_workers=num_workers,
                               load_threads=load_threads, device=device, channels_last=channels_last, draft=draft,
                               max_pixels=max_pixels)
-    bar = tqdm(total=total, initial=initial, unit="img", desc="features",
-               disable=None if progress else True, file=sys.stderr)
+    bar = progress_bar(desc="features", enabled=progress, total=total, initial=initial, unit="img")
     with bar:
         for batch in batches:
             ids = [todo[position][0] for position in batch.indices]
