@@ -1,7 +1,7 @@
 """captioner: a Show-and-Tell-style image captioner (CNN features + LSTM decoder).
 
     from captioner import Captioner
-    captioner = Captioner.from_pretrained()            # the shipped Flickr8k checkpoint
+    captioner = Captioner.from_pretrained()            # the shipped checkpoint
     result = captioner.caption("dog.jpg", strategy="beam", beam_size=3)[0]
     print(result.caption, result.captions[0].log_prob)
 """

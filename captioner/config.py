@@ -43,6 +43,18 @@ class ModelConfig:
     # "every": W_ih·v enters the gates at every step (par-inject); "first": v is only the first input.
     image_input: Literal["every", "first"] = "every"
 
+    def __post_init__(self) -> None:
+        for name in ("feature_dim", "embed_dim", "hidden_dim", "image_dim", "num_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be a whole number (0: set from the vocabulary), got {self.vocab_size!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a rate in [0, 1), got {self.dropout!r}")
+        if self.image_input not in ("every", "first"):
+            raise ValueError(f"image_input must be 'every' or 'first', got {self.image_input!r}")
+
 
 @dataclass
 class DecodeConfig(Options):

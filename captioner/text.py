@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 # Runs of letters/digits, with an optional 's-style suffix kept on the word ("man's" -> "man's").
-_TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -21,7 +21,7 @@ SPECIALS = (PAD, START, END, UNK)
 
 def tokenize(text: str) -> list[str]:
     """Lowercase `text` and split it into word/number tokens, dropping punctuation."""
-    return _TOKEN_RE.findall(text.lower())
+    return TOKEN_RE.findall(text.lower())
 
 
 class Vocabulary:

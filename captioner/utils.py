@@ -177,3 +177,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
                              f"use --nproc-per-node {count} or fewer")
         device = f"cuda:{local_rank}"
     return torch.device(device)
+
+
+def check_output_folder(folder: Path, resume: bool, overwrite: bool, what: str,
+                        error: type[Exception] = ValueError) -> None:
+    """What every door that writes `what` (a run, a feature cache) into a folder refuses alike: --resume
+    with --overwrite, and a file where the folder should be."""
+    if resume and overwrite:
+        raise error(f"{folder}: --resume continues the {what} there and --overwrite replaces it; give one of them")
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{folder}: a file, not a folder; give a folder for the {what} as --out")

@@ -27,7 +27,7 @@ encoder=${ENCODER:-efficientnet_lite0}
 short=${encoder#efficientnet_}
 features=${FEATURES:-runs/features-flickr8k-$short}
 
-captioner features --data "$data" --encoder "$encoder" --out "$features"
+captioner features --data "$data" --encoder "$encoder" --out "$features" --resume
 captioner train --data "$data" --features "$features" --out "$run" --resume "${@:3}"
 best="$run/best.safetensors"
 if [ "${SCST_EPOCHS:-0}" -gt 0 ]; then
@@ -46,7 +46,7 @@ fi
 text_corpus=${TEXT_CORPUS-$(dirname "$data")/coco-text}
 if [ -z "${TEXT_CORPUS+set}" ] && [ ! -e "$text_corpus" ]; then text_corpus=""; fi  # the default, when absent
 if [ -n "$text_corpus" ] && [ "${TEXT_EPOCHS:-3}" -gt 0 ]; then
-  captioner features --data "$data" --checkpoint "$best" --out "$run-features-$short-own"
+  captioner features --data "$data" --checkpoint "$best" --out "$run-features-$short-own" --resume
   # shellcheck disable=SC2086  # TEXT_ARGS is a list of flags
   captioner train --init-from "$best" --text-corpus "$text_corpus" --data "$data" \
       --features "$run-features-$short-own" --out "$run-text" --resume --epochs "${TEXT_EPOCHS:-3}" \
@@ -57,8 +57,8 @@ else
   name=flickr8k-$short
 fi
 out_checkpoint=${OUT_CHECKPOINT:-checkpoints/$name/model.safetensors}
-python scripts/export_checkpoint.py "$best" "$out_checkpoint"
+python scripts/export_checkpoint.py "$best" "$out_checkpoint" --overwrite
 if [ "${MEMORY:-1}" != 0 ]; then
-  captioner memory --data "$data" --checkpoint "$out_checkpoint" --out "$run-memory.safetensors"
+  captioner memory --data "$data" --checkpoint "$out_checkpoint" --out "$run-memory.safetensors" --overwrite
   echo "re-rank with it: captioner caption PHOTOS --checkpoint $out_checkpoint --memory $run-memory.safetensors"
 fi

@@ -91,6 +91,49 @@ def train_on_random_captions(out_dir: Path, device, amp: str | None = None, epoc
     return best, [json.loads(line) for line in (Path(out_dir) / LOG).read_text().splitlines()]
 
 
+def synthetic_training_data(folder: Path, counts=(("train", 24), ("val", 4), ("test", 4)), feature_dim: int = 16,
+                            seed: int = 0) -> dict[str, Path]:
+    """What `captioner train` reads, without photos or a CNN: a Karpathy json over empty image files (the
+    readers only look the files up) with random captions over CAPTION_WORDS, and a feature cache of random
+    features for them (encoder "test", weights hash "synthetic"). Returns {"data", "images", "features"}."""
+    import numpy as np
+
+    from captioner.features.cache import FORMAT_VERSION, write_cache
+
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for split, count in counts:
+        for i in range(count):
+            name = f"{split}{i}.jpg"
+            (images_dir / name).touch()
+            sentences = [{"raw": "a " + " ".join(rng.choice(CAPTION_WORDS, 4)) + " ."} for _ in range(3)]
+            entries.append({"filename": name, "imgid": len(entries), "split": split, "sentences": sentences})
+    data = folder / "dataset_synthetic.json"
+    data.write_text(json.dumps({"dataset": "synthetic", "images": entries}))
+    fingerprint = {"format_version": FORMAT_VERSION, "encoder": "test", "feature_dim": feature_dim, "dtype": "float16",
+                   "preprocessing": {}, "weights_hash": "synthetic"}
+    features = folder / "features"
+    features.mkdir(exist_ok=True)
+    rows = rng.normal(size=(len(entries), feature_dim)).astype(np.float16)
+
+    class Source:  # what write_cache records of the encoder
+        weights_source = "synthetic"
+
+    write_cache(features, rows, [entry["filename"] for entry in entries], [], fingerprint, Source())
+    return {"data": data, "images": images_dir, "features": features}
+
+
+def train_argv(data: dict[str, Path], out: Path, *extra: str, epochs: int = 2, dim: int | None = 8) -> list[str]:
+    """`captioner train` over `synthetic_training_data`, with a decoder small enough to train in a moment
+    (`dim`: its sizes; None: no shape flags, as a warm start needs)."""
+    shape = [] if dim is None else ["--embed-dim", str(dim), "--hidden-dim", str(dim), "--image-dim", str(dim)]
+    return ["train", "--data", str(data["data"]), "--features", str(data["features"]), "--out", str(out),
+            "--epochs", str(epochs), "--batch-size", "16", "--min-word-count", "1", *shape, "--val-beam-size", "1",
+            *extra]
+
+
 class FakeCaptioner:
     """Stands in for `Captioner` in tests of the batch door's bookkeeping (inputs, resume, output files):
     `stream` captions a file whose bytes start with b"photo" as "a photo of <its name>" and gives any other

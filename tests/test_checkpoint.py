@@ -147,6 +147,131 @@ def test_missing_metadata_entry(saved):
         load_checkpoint(path)
 
 
+def _info_line(capsys, path) -> str:
+    """`captioner info PATH` refused: its one stderr line."""
+    from captioner.apps.cli import main
+
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(saved, value, capsys):
+    """They caption every photo "in <unk> <unk> ... a" with exit 0 otherwise."""
+    path = saved[0]
+
+    def poison(tensors):
+        tensors["model.lstm.weight_hh_l0"][0, :3] = value
+
+    _rewrite(path, mutate_tensors=poison)
+    assert _info_line(capsys, path) == (
+        f"captioner info: error: {path}: model.lstm.weight_hh_l0 holds 3 of {12 * 4 * 12} values that are NaN or "
+        "infinite; the file is damaged or its training diverged: use another checkpoint (an earlier epoch, or "
+        "retrain)")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_layers", 0, "num_layers must be a whole number of at least 1, got 0"),
+    ("hidden_dim", -4, "hidden_dim must be a whole number of at least 1, got -4"),
+    ("dropout", 1.5, "dropout must be a rate in [0, 1), got 1.5"),
+    ("image_input", "sometimes", "image_input must be 'every' or 'first', got 'sometimes'"),
+])
+def test_an_impossible_config_names_the_file(saved, field, value, message, capsys):
+    path = saved[0]
+
+    def mutate(metadata):
+        metadata["config"] = json.dumps({**json.loads(metadata["config"]), field: value})
+
+    _rewrite(path, mutate)
+    assert _info_line(capsys, path) == (f"captioner info: error: {path}: invalid config or vocabulary: {message}; the "
+                                        "file is damaged: use another checkpoint")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"preprocessing": {"input_size": 0}}, "encoder preprocessing: input_size must be a positive whole number of "
+                                           "pixels, found 0"),
+    ({"preprocessing": {"input_size": "big"}}, "encoder preprocessing: input_size must be a positive whole number "
+                                               "of pixels, found 'big'"),
+    ({"preprocessing": {"std_0_255": [1, 0, 1]}}, "std_0_255 must be three positive numbers, found [1, 0, 1]"),
+    ({"preprocessing": "squash"}, "'preprocessing' must be a JSON object, found 'squash'"),
+    ({"feature_dim": 1280}, "the encoder entry gives 1280-dim features but the decoder takes 16"),
+    ({"encoder": ""}, "encoder entry: encoder must be an encoder name, found ''"),
+])
+def test_an_impossible_encoder_entry_names_the_file(saved, entry, message, capsys):
+    """An input size of 0 or "big" used to be ignored silently."""
+    path = saved[0]
+    _rewrite(path, lambda m: m.update(encoder=json.dumps({**json.loads(m["encoder"]), **entry})))
+    err = _info_line(capsys, path)
+    assert err.startswith(f"captioner info: error: {path}: ") and message in err, err
+    assert err.endswith("use another checkpoint")
+
+
+def test_a_preprocessing_other_than_the_encoders_is_refused_before_the_cnn_is_built(saved):
+    from captioner.encoders import checkpoint_encoder, get_encoder_spec
+
+    path = saved[0]
+    own = get_encoder_spec("efficientnet_lite0").preprocessing()
+    _rewrite(path, lambda m: m.update(encoder=json.dumps({"encoder": "efficientnet_lite0",
+                                                          "preprocessing": {**own, "input_size": 320}})))
+    checkpoint = load_checkpoint(path)  # a valid entry: the decoder loads
+    with pytest.raises(ValueError, match=rf"{path}: trained on images prepared with input_size 320 \(the "
+                                         r"encoder's: 224\), which efficientnet_lite0 does not do"):
+        checkpoint_encoder(checkpoint.encoder, str(checkpoint.path))
+
+
+def test_a_run_folder_is_a_checkpoint_by_its_best(saved, tmp_path, capsys):
+    path, model, vocab = saved
+    run = tmp_path / "run"
+    save_checkpoint(run / "best.safetensors", model, vocab, ENCODER, {"epoch": 3})
+    save_checkpoint(run / "last.safetensors", model, vocab, ENCODER, {"epoch": 4})
+    assert load_checkpoint(run).info == {"epoch": 3} and load_checkpoint(run).path == run / "best.safetensors"
+    assert load_checkpoint(path.parent).path == path  # a folder with model.safetensors: that file
+    (tmp_path / "empty").mkdir()
+    assert _info_line(capsys, tmp_path / "empty") == (
+        f"captioner info: error: {tmp_path / 'empty'}: a folder without model.safetensors or best.safetensors; name "
+        "a checkpoint file, a folder holding one of those, or a training run's folder (the --out of `captioner "
+        "train`)")
+    assert save_checkpoint(tmp_path / "empty", model, vocab, ENCODER) == tmp_path / "empty" / "model.safetensors"
+
+
+def test_no_machine_paths_are_stored_and_old_ones_still_load(saved, tmp_path):
+    from captioner.checkpoint import portable_info, portable_path
+
+    path, model, vocab = saved
+    assert portable_path("/home/me/runs/xe/best.safetensors") == "xe/best.safetensors"
+    assert portable_path("C:\\Users\\me\\runs\\xe") == "runs/xe" and portable_path("runs/xe/") == "runs/xe"
+    info = {"exported_from": "/work/exp/warm-a/best.safetensors", "init_info": {"out": "~/runs/ft"},
+            "data": "flickr8k/dataset_flickr8k.json", "list": ["/abs/a/b.json", "relative/c"], "seed": 3}
+    assert portable_info(info) == {"exported_from": "warm-a/best.safetensors", "init_info": {"out": "runs/ft"},
+                                   "data": "flickr8k/dataset_flickr8k.json", "list": ["a/b.json", "relative/c"],
+                                   "seed": 3}
+    new = save_checkpoint(tmp_path / "new.safetensors", model, vocab, ENCODER, info)
+    assert load_checkpoint(new).info == portable_info(info)
+    _rewrite(path, lambda m: m.update(info=json.dumps(info)))  # written before: loads as it is
+    assert load_checkpoint(path).info == info
+
+
+def test_export_refuses_an_existing_target_and_records_no_machine_path(saved, tmp_path, capsys):
+    from helpers import load_script
+
+    export = load_script("export_checkpoint.py")
+    path = saved[0]
+    run = tmp_path / "abs" / "run"
+    save_checkpoint(run / "best.safetensors", saved[1], saved[2], ENCODER, {"seed": 3})
+    target = tmp_path / "shipped.safetensors"
+    export.main([str(run), str(target)])  # a run folder: its best
+    assert load_checkpoint(target).info == {"seed": 3, "exported_from": "run/best.safetensors"}
+    before = target.read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        export.main([str(path), str(target)])
+    assert stopped.value.code == 2 and target.read_bytes() == before
+    assert f"{target}: a file is already there; replace it with --overwrite" in capsys.readouterr().err
+    export.main([str(path), str(target), "--overwrite"])
+    assert load_checkpoint(target).info["exported_from"] == f"{path.parent.name}/model.safetensors"
+
+
 def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
     path, model, vocab = saved
     before = path.read_bytes()

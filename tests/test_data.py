@@ -371,11 +371,14 @@ def test_coco_file_naming_no_split_is_the_test_split(tmp_path):
         assert "captions.json naming no split: read as the test split" in dataset.source
         assert [r.image_id for r in dataset.require_split("test")] == NAMES
         with pytest.raises(ValueError) as caught:
-            dataset.require_split("val")
+            dataset.require_split("val", split_flag="--split")
         message = str(caught.value)
         for fragment in ("captions.json", "no 'val' images", "it has test (3 images)", "naming no split",
                          "use --split test"):
             assert fragment in message, f"{fragment!r} not in {message!r}"
+        with pytest.raises(ValueError) as caught:  # a caller without a --split flag is not told to use one
+            dataset.require_split("train", advice="give data with a train split")
+        assert "--split" not in str(caught.value) and str(caught.value).endswith("; give data with a train split")
     assert split_from_file_name(Path("captions_val2014.json")) == "val"
     assert split_from_file_name(Path("coco-dev.json")) == "val"  # dev is a split word
     assert split_from_file_name(Path("photos.json")) == "test"
@@ -522,3 +525,55 @@ def test_image_folder_is_listed_once(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "is_file", lambda self: file_checks.append(self) or real_is_file(self))
     assert len(read_flickr8k(token, split_files={})) == 200
     assert listings == [tmp_path / "images"] and len(file_checks) < 5
+
+
+# One rule for reference captions, in every reader --------------------------------------------------------------
+
+LONG_CAPTION = " ".join(["word"] * 10_000)
+
+
+@pytest.mark.parametrize("caption, fragments", [
+    ("", ["empty caption"]),
+    ("  ", ["empty caption"]),
+    ("... !!", ["caption '... !!' has no words (only punctuation or letters outside a-z)"]),
+    ("\u3042\u3044", ["has no words"]),
+    (LONG_CAPTION, ["has 10000 words, more than the 100 a reference caption may have; shorten it"]),
+])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_caption_rule_for_every_reader(tmp_path, layout, caption, fragments):
+    """What train used to drop and evaluate scored as an empty reference (punctuation only), and a 10,000-word
+    reference that moved CIDEr-D by 13 points, are refused like "" by every reader, naming the entry; with
+    skip_invalid they are left out and listed, the image's other captions kept."""
+    touch_images(tmp_path / "images")
+    captions = {name: list(texts) for name, texts in CAPTIONS.items()}
+    captions["b.jpg"][1] = caption
+    if layout == "karpathy":
+        data = karpathy_data()
+        data["images"][1]["sentences"][1]["raw"] = caption
+        path, where = write_karpathy(tmp_path, data), "dataset_tiny.json: images[1] (imgid 1, 'b.jpg'): sentences[1]"
+    elif layout == "coco":
+        data = coco_data()
+        data["annotations"][3]["caption"] = caption
+        path, where = write_coco(tmp_path, data), "captions_val.json: annotations[3] (annotation 201)"
+    else:
+        lines = [f"{name}#{k}\t{c}" for name in NAMES for k, c in enumerate(captions[name])]
+        path, where = write_flickr8k(tmp_path, lines), "Flickr8k.token.txt: line 4 (b.jpg#1)"
+    if layout == "flickr8k" and not caption.strip():
+        fragments = ["empty caption; fill it in or remove the line"]
+    message = raises([where, *fragments], load_dataset, path, layout=layout)
+    assert len(message) < 400  # the caption is quoted short
+    dataset = load_dataset(path, layout=layout, skip_invalid=True)
+    assert len(dataset.report.problems) == 1 and where in dataset.report.problems[0]
+    record = next(r for r in dataset.records if r.image_id == "b.jpg")
+    assert record.captions == [CAPTIONS["b.jpg"][0]]
+
+
+def test_captions_at_the_word_limit_are_kept(tmp_path):
+    from captioner.data.common import MAX_CAPTION_WORDS
+
+    touch_images(tmp_path / "images")
+    data = karpathy_data()
+    data["images"][0]["sentences"][0]["raw"] = "a, " * MAX_CAPTION_WORDS  # punctuation does not count
+    data["images"][1]["sentences"][0]["raw"] = "été !"  # a word the tokenizer keeps ("t")
+    dataset = read_karpathy(write_karpathy(tmp_path, data))
+    assert not dataset.report and sum(len(r.captions) for r in dataset.records) == 6

@@ -52,7 +52,10 @@ def test_format_table_scales_by_100():
 
 @pytest.mark.slow
 def test_info_prints_checkpoint_settings(tiny_run, capsys):
-    assert main(["info", str(tiny_run["checkpoint"])]) == 0
+    assert main(["info", str(tiny_run["run"])]) == 0  # the run folder: its best
+    summary = capsys.readouterr().out
+    assert summary.startswith(f"{tiny_run['checkpoint']}\n") and "  CNN       efficientnet_lite0" in summary
+    assert main(["info", str(tiny_run["checkpoint"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["info"]["epoch"] >= 1 and info["encoder"]["encoder"] == "efficientnet_lite0"
 

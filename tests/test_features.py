@@ -137,7 +137,7 @@ def test_other_encoder_or_weights_are_refused(tmp_path: Path, encoder: Encoder, 
     other_weights = Encoder(encoder.spec, encoder.model, "0123456789abcdef", "elsewhere")
     with pytest.raises(FeatureCacheError, match="weights_hash") as caught:
         extract_features(records, other_weights, tmp_path / "cache", progress=False)
-    assert "delete" in str(caught.value) and str(tmp_path / "cache") in str(caught.value)
+    assert "captioner features --overwrite" in str(caught.value) and str(tmp_path / "cache") in str(caught.value)
     with pytest.raises(FeatureCacheError, match="weights_hash"):
         FeatureCache.open(tmp_path / "cache").check_encoder(other_weights)
     FeatureCache.open(tmp_path / "cache").check_encoder(encoder)

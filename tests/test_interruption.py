@@ -274,8 +274,9 @@ def test_features_killed_mid_run_resume_to_the_uninterrupted_cache(synthetic, tm
     done = {image_id for batch in batches for image_id in batch["ids"]}
     done |= {entry["image_id"] for batch in batches for entry in batch["failed"]}
     loaded = record_loaded_images(monkeypatch)
+    assert main(args) == 2  # run again as it was: the interrupted extraction is not replaced unasked
     with pytest.warns(UserWarning, match="1 image"):
-        assert main(args) == 1  # run again: it resumes; 1 for the unreadable photo_23.jpg
+        assert main([*args, "--resume"]) == 1  # it resumes; 1 for the unreadable photo_23.jpg
     assert sorted(loaded) == sorted(set(synthetic["names"]) - done)
 
     resumed, reference = FeatureCache.open(cache), FeatureCache.open(synthetic["features"])

@@ -319,8 +319,25 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
             assert torch.equal(value, resumed[key]), key
     log = (tmp_path / "interrupted" / LOG).read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="other settings"):
-        _train(tmp_path / "interrupted", init, epochs=5, resume=True)
+    with pytest.raises(ValueError, match="the run has trained 3 epochs already, more than --epochs 2"):
+        _train(tmp_path / "interrupted", init, epochs=2, resume=True)
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_with_more_epochs_ends_as_the_longer_run(tmp_path):
+    """SCST's learning rate is constant, so `--resume --epochs 3` continues a finished 2-epoch run to the
+    weights of an uninterrupted 3-epoch run."""
+    init = _pretrained(tmp_path / "init.safetensors")
+    _train(tmp_path / "straight", init, epochs=3)
+    _train(tmp_path / "grown", init, epochs=2)
+    _train(tmp_path / "grown", init, epochs=3, resume=True)
+    straight, _ = read_raw(tmp_path / "straight" / LAST)
+    grown, metadata = read_raw(tmp_path / "grown" / LAST)
+    assert straight.keys() == grown.keys()
+    for key, value in straight.items():
+        assert torch.equal(value, grown[key]), key
+    assert json.loads(metadata["info"])["scst_config"]["epochs"] == 3
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "grown" / LOG).read_text().splitlines()] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

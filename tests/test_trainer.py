@@ -125,8 +125,10 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_other_settings_another_kind_of_run_and_plain_checkpoints(tmp_path):
     Trainer(Scripted([0.5, 0.6], _config(epochs=1)), tmp_path, progress=False).run()
-    with pytest.raises(CheckpointError, match=r"other settings \(train_config differ"):
-        Trainer(Scripted([0.5, 0.6], _config(epochs=1, lr=0.5)), tmp_path, resume=True, progress=False).run()
+    with pytest.raises(CheckpointError, match=r"other settings \(lr 0.01 in the run, 0.5 now; val_decode.beam_size 3 "
+                                              r"in the run, 4 now\); resume it with the run's settings"):
+        Trainer(Scripted([0.5, 0.6], _config(epochs=1, lr=0.5, val_decode=DecodeConfig(strategy="greedy", beam_size=4))),
+                tmp_path, resume=True, progress=False).run()
 
     class OtherKind(Scripted):
         def settings(self) -> dict[str, Any]:
@@ -139,6 +141,66 @@ def test_resume_refuses_other_settings_another_kind_of_run_and_plain_checkpoints
     save_checkpoint(tmp_path / LAST, plain.model, plain.vocab, plain.encoder, plain.info)
     with pytest.raises(CheckpointError, match="not a training-state checkpoint"):
         Trainer(Scripted([0.5], _config(epochs=1)), tmp_path, resume=True, progress=False).run()
+
+
+@pytest.mark.slow
+def test_a_run_is_replaced_only_when_asked(tmp_path):
+    Trainer(Scripted([0.5, 0.6], _config(epochs=1)), tmp_path, progress=False).run()
+    with pytest.raises(ValueError, match="holds a training run .*; continue it with --resume, replace it with "
+                                         "--overwrite"):
+        Trainer(Scripted([0.5, 0.6], _config(epochs=1)), tmp_path, progress=False).run()
+    Trainer(Scripted([0.1, 0.2, 0.3], _config(epochs=2)), tmp_path, overwrite=True, progress=False).run()
+    assert [e["epoch"] for e in _log(tmp_path)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_constant_rate_run_resumed_with_more_epochs_ends_as_the_longer_run(tmp_path):
+    """SCST's learning rate is constant, so its epochs may grow on resume (the scripted objective's too):
+    2 epochs, then --resume with 4, gives the weights of an uninterrupted 4-epoch run. Fewer epochs than
+    the run has trained are refused."""
+    from captioner.train import CnnFinetuning, SelfCritical, TeacherForcing
+
+    assert SelfCritical.epochs_fixed is None and Scripted.epochs_fixed is None
+    assert TeacherForcing.epochs_fixed and CnnFinetuning.epochs_fixed  # their rates decay over the run's epochs
+    scores = [0.5, 0.6, 0.7, 0.8, 0.9]
+    Trainer(Scripted(scores, _config(epochs=4)), tmp_path / "straight", progress=False).run()
+    Trainer(Scripted(scores, _config(epochs=2)), tmp_path / "grown", progress=False).run()
+    with pytest.raises(CheckpointError, match="the run has trained 2 epochs already, more than --epochs 1"):
+        Trainer(Scripted(scores[3:], _config(epochs=1)), tmp_path / "grown", resume=True, progress=False).run()
+    Trainer(Scripted(scores[3:], _config(epochs=4)), tmp_path / "grown", resume=True, progress=False).run()
+    straight, _ = read_raw(tmp_path / "straight" / LAST)
+    grown, metadata = read_raw(tmp_path / "grown" / LAST)
+    for key in straight:
+        assert torch.equal(straight[key], grown[key]), key
+    assert [e["epoch"] for e in _log(tmp_path / "grown")] == [0, 1, 2, 3, 4]
+    assert json.loads(metadata["info"])["train_config"]["epochs"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("best_is_last", [True, False])
+def test_resume_checks_the_best_checkpoint(tmp_path, best_is_last, capsys):
+    """A finished run whose best.safetensors was truncated: rewritten from last.safetensors when that holds the
+    best epoch, else refused (the best weights are lost), never reported as the best checkpoint."""
+    scores = [0.5, 0.6, 0.7] if best_is_last else [0.5, 0.7, 0.6]
+    Trainer(Scripted(scores, _config(epochs=2)), tmp_path, progress=False).run()
+    good = (tmp_path / BEST).read_bytes()
+    (tmp_path / BEST).write_bytes(good[:len(good) // 2])
+    resumed = Trainer(Scripted([], _config(epochs=2)), tmp_path, resume=True, progress=False)
+    if best_is_last:
+        assert resumed.run() == tmp_path / BEST
+        assert "unreadable (not a readable safetensors checkpoint" in capsys.readouterr().out
+        assert load_checkpoint(tmp_path / BEST).info["epoch"] == 2
+        last, _ = read_raw(tmp_path / LAST)
+        best, _ = read_raw(tmp_path / BEST)
+        assert all(torch.equal(last[k], best[k]) for k in best if k.startswith("model."))
+    else:
+        with pytest.raises(CheckpointError, match=r"best.safetensors: unreadable .*the weights of the run's best "
+                                                  r"epoch \(1, val CIDEr-D 70.0\) are lost \(last.safetensors holds "
+                                                  r"epoch 2\): start the run again with --overwrite"):
+            resumed.run()
+        (tmp_path / BEST).unlink()
+        with pytest.raises(CheckpointError, match="best.safetensors: missing; the weights of the run's best"):
+            Trainer(Scripted([], _config(epochs=2)), tmp_path, resume=True, progress=False).run()
 
 
 @pytest.mark.slow

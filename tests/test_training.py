@@ -84,7 +84,8 @@ def test_a_run_saved_with_the_old_validation_settings_resumes(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, stop_after=1)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="the run was started for 3 epochs, not 5, and its epochs cannot change on "
+                                         "resume: its learning rate follows one warm-up and cosine decay"):
         _run(tmp_path, epochs=5, resume=True)
 
 

@@ -21,11 +21,15 @@ from captioner.config import DecodeConfig, FinetuneConfig, ModelConfig, ScstConf
 
 OBJECTIVES = ("xe", "scst", "finetune")
 NAMES = {"xe": "cross-entropy training", "scst": "SCST", "finetune": "CNN fine-tuning"}
+# What to do when the data has no train split (train has no --split: the data's files assign the splits).
+TRAIN_SPLIT_ADVICE = ("captioner train reads the train split and scores the val split: give data that assigns them "
+                      "(a Karpathy dataset_*.json, Flickr8k with its image lists, COCO files named by split such as "
+                      "captions_train2014.json, or COCO files with --karpathy-split FILE)")
 SHAPE_FLAGS = {"embed_dim": "embed_dim", "hidden_dim": "hidden_dim", "image_dim": "image_dim", "layers": "num_layers",
                "dropout": "dropout", "image_input": "image_input"}  # flag -> ModelConfig field
 # Flags that are not settings of the run (the data's, the command's own).
 NOT_SETTINGS = {"command", "func", "objective", "scst", "data", "layout", "images", "karpathy_split", "skip_invalid"}
-SHARED = {"out", "resume", "init_from", "epochs", "seed", "patience", "val_images", "val_beam_size"}
+SHARED = {"out", "resume", "overwrite", "init_from", "epochs", "seed", "patience", "val_images", "val_beam_size"}
 USES = {  # the flags each objective uses, besides SHARED
     "xe": {"features", "lr", "label_smoothing", "batch_size", "min_word_count", "ema_decay", *SHAPE_FLAGS, "device",
            "amp", "text_corpus", "pseudo_target_p"},
@@ -117,17 +121,25 @@ def settings(objective: str, flags: dict[str, Any]) -> TrainConfig | ScstConfig 
 def decoder_shape(flags: dict[str, Any]) -> ModelConfig | None:
     """The new decoder's shape from the shape flags (None when none is given: the defaults)."""
     given = {field: flags[name] for name, field in SHAPE_FLAGS.items() if flags.get(name) is not None}
-    return ModelConfig(**given) if given else None
+    try:
+        return ModelConfig(**given) if given else None
+    except ValueError as error:  # "num_layers must be ..." -> "--layers 0: must be ..."
+        field, _, problem = str(error).partition(" ")
+        name = next((name for name, known in SHAPE_FLAGS.items() if known == field), field)
+        raise ValueError(f"{flag(name)} {flags.get(name)}: {problem}") from None
 
 
 def run_training(flags: dict[str, Any]) -> int:
     """`captioner train` with its parsed flags (`vars(args)`)."""
     from captioner import distributed
+    from captioner.train.state import check_run_folder
     from captioner.utils import resolve_device
 
     objective = objective_of(flags)
     check_flags(objective, flags)
     config = settings(objective, flags)
+    decoder_shape(flags)  # a bad shape flag, before anything is read
+    check_run_folder(flags["out"], bool(flags.get("resume")), bool(flags.get("overwrite")))  # before the data
     device = resolve_device(flags.get("device") or ("auto" if objective == "xe" else "cpu"))
     with distributed.session(device):  # under torchrun: data-parallel (NCCL on CUDA, gloo on the CPU)
         best = _run(objective, flags, config, device)
@@ -140,25 +152,28 @@ def _run(objective: str, flags: dict[str, Any], config: Any, device: Any) -> Any
 
     if objective == "xe":
         autocast_dtype(flags.get("amp"), device)  # refuse a bad --amp before reading any data
+    from captioner.checkpoint import portable_path
+
     dataset = load_data(argparse.Namespace(**flags))
-    init_from, out, resume = flags.get("init_from"), flags["out"], bool(flags.get("resume"))
+    train_records = dataset.require_split("train", advice=TRAIN_SPLIT_ADVICE)
+    dataset.require_split("val", advice=TRAIN_SPLIT_ADVICE)
+    init_from, out = flags.get("init_from"), flags["out"]
+    run = dict(resume=bool(flags.get("resume")), overwrite=bool(flags.get("overwrite")),
+               data_name=portable_path(flags["data"]), device=device)
     if objective == "finetune":
         if flags.get("threads"):
             import torch
 
             torch.set_num_threads(flags["threads"])
-        return finetune(init_from, dataset.require_split("train"), dataset.split("val"), out, config, resume=resume,
-                        device=device)
+        return finetune(init_from, train_records, dataset.split("val"), out, config, **run)
     if objective == "scst":
         splits = cached_splits(dataset, flags["features"])
         features_encoder = splits.pop("encoder")
-        return train_scst(**splits, out_dir=out, init_checkpoint=init_from, config=config, resume=resume,
-                          features_encoder=features_encoder, device=device)
-    dataset.require_split("train")
+        return train_scst(**splits, out_dir=out, init_checkpoint=init_from, config=config,
+                          features_encoder=features_encoder, **run)
     pseudo_target_p = flags.get("pseudo_target_p")
-    return train_on_cache(dataset, flags["features"], out, decoder_shape(flags), config, resume=resume,
-                          device=device, amp=flags.get("amp"), init_checkpoint=init_from,
-                          text_corpus=flags.get("text_corpus"),
+    return train_on_cache(dataset, flags["features"], out, decoder_shape(flags), config, amp=flags.get("amp"),
+                          init_checkpoint=init_from, text_corpus=flags.get("text_corpus"), **run,
                           **({} if pseudo_target_p is None else {"pseudo_target_p": pseudo_target_p}))
 
 

@@ -17,6 +17,7 @@ from captioner.data.common import (
     PathLike,
     Pending,
     Problems,
+    caption_problem,
     check_caption,
     default_images_dir,
     finish_records,
@@ -177,7 +178,7 @@ def _read_coco_file(path: Path, data: Any, file_split: str | None, split_index: 
         if isinstance(annotation, dict) and "id" in annotation:  # the common case, checked without messages
             image_id, caption = annotation.get("image_id"), annotation.get("caption")
             if (type(image_id) in (int, str) and image_id in where_of and isinstance(caption, str)
-                    and caption.strip()):
+                    and caption_problem(caption) is None):
                 kept_annotations.append({"id": annotation["id"], "image_id": image_id, "caption": caption.strip()})
                 continue
         where = f"{name}: annotations[{index}]"

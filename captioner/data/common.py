@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from captioner.data.records import CaptionRecord, DataFormatError, LoadReport
+from captioner.text import TOKEN_RE, tokenize
 
 PathLike = str | os.PathLike
 # Where image folders usually sit beside the annotation files ("Flicker8k_Dataset" is the release's spelling).
 IMAGE_FOLDER_NAMES = ("images", "Flicker8k_Dataset", "Flickr8k_Dataset")
 # Real COCO keeps images in train2014/ and val2014/ under the images root.
 COCO_SUBFOLDERS = ("train2014", "val2014")
+# The most words (tokens) a reference caption may have: COCO's and Flickr8k's longest have about 50.
+MAX_CAPTION_WORDS = 100
 SKIP_HINT = (" (or skip such entries: --skip-invalid on the command line, skip_invalid=True in Python; they are "
               "listed in Dataset.report)")
 
@@ -137,13 +140,36 @@ def type_name(value: Any) -> str:
         type(value), f"a {type(value).__name__}")
 
 
+def caption_problem(caption: str, entry: str = "entry") -> str | None:
+    """Why a reference caption cannot be used, or None. The one rule for every reader, so that training and
+    evaluation see the same references: a caption needs a word that `tokenize` keeps (letters a-z or
+    digits: an empty or punctuation-only caption trains nothing and would be scored as an empty reference),
+    and at most MAX_CAPTION_WORDS of them (a pasted document as a caption moves CIDEr-D by points)."""
+    lowered = caption.lower()
+    if not caption.strip():
+        return f"empty caption; fill it in or remove the {entry}"
+    if not TOKEN_RE.search(lowered):
+        return f"caption {shorten(caption)!r} has no words (only punctuation or letters outside a-z); fill it in " \
+               f"or remove the {entry}"
+    # a token takes at least one character and a separator, so only long texts can hold too many
+    if len(lowered) > 2 * MAX_CAPTION_WORDS and (words := len(tokenize(caption))) > MAX_CAPTION_WORDS:
+        return f"caption {shorten(caption)!r} has {words} words, more than the {MAX_CAPTION_WORDS} a reference " \
+               f"caption may have; shorten it or remove the {entry}"
+    return None
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_caption(caption: Any, where: str, key: str, problems: Problems) -> str | None:
-    """The stripped caption, or None after reporting why it is unusable."""
+    """The stripped caption, or None after reporting why it is unusable (`caption_problem`)."""
     if not isinstance(caption, str):
         problems(f"{where}: '{key}' must be a string, found {type_name(caption)}")
         return None
-    if not caption.strip():
-        problems(f"{where}: empty caption; fill it in or remove the entry")
+    problem = caption_problem(caption)
+    if problem is not None:
+        problems(f"{where}: {problem}")
         return None
     return caption.strip()
 

@@ -10,6 +10,7 @@ from captioner.data.common import (
     PathLike,
     Pending,
     Problems,
+    caption_problem,
     default_images_dir,
     finish_records,
     read_text,
@@ -68,7 +69,8 @@ def _read_token_file(path: Path, problems: Problems) -> tuple[dict[str, list[str
         key = key.strip()
         image, hash_sign, number = key.rpartition("#")
         caption = caption.strip()
-        if image and number.isdigit() and caption and key not in line_of_key:  # the common case
+        problem = caption_problem(caption)
+        if image and number.isdigit() and problem is None and key not in line_of_key:  # the common case
             line_of_key[key] = line_number
             if image not in captions_of:
                 captions_of[image] = []
@@ -89,7 +91,7 @@ def _read_token_file(path: Path, problems: Problems) -> tuple[dict[str, list[str
             problems(f"{where}: duplicate caption {key} (also line {line_of_key[key]}); remove one of them")
             continue
         line_of_key[key] = line_number
-        problems(f"{where}: empty caption; fill it in or remove the line")
+        problems(f"{where}: {caption_problem(caption, 'line')}")
     return captions_of, line_of
 
 

@@ -11,6 +11,7 @@ from captioner.data.common import (
     PathLike,
     Pending,
     Problems,
+    caption_problem,
     check_caption,
     default_images_dir,
     finish_records,
@@ -65,7 +66,7 @@ def read_karpathy_data(path: Path, data: Any, images_dir: PathLike | None, skip_
         captions = []
         for number, sentence in enumerate(sentences):
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
-            if isinstance(raw, str) and raw.strip():  # the common case, checked without building messages
+            if isinstance(raw, str) and caption_problem(raw) is None:  # the common case, without messages
                 captions.append(raw.strip())
                 continue
             sentence_where = f"{where}: sentences[{number}]"

@@ -73,15 +73,19 @@ class Dataset:
             raise ValueError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return [record for record in self.records if record.split == normalised]
 
-    def require_split(self, name: str) -> list[CaptionRecord]:
+    def require_split(self, name: str, split_flag: str | None = None, advice: str | None = None) -> list[CaptionRecord]:
         """`split(name)`, refusing an empty one with a message that says which splits the source has (and,
-        through `source`, how a reader chose them: e.g. a COCO file whose name names no split is all test)."""
+        through `source`, how a reader chose them: e.g. a COCO file whose name names no split is all test).
+        The caller's `split_flag` (a command's option choosing the split), when it has one, is suggested
+        with the split the source does have; `advice` is said otherwise."""
         records = self.split(name)
         if not records:
             counts = Counter(record.split for record in self.records)
             has = ", ".join(f"{split} ({counts[split]} images)" for split in SPLITS if counts[split]) or "no images"
+            if split_flag and counts:
+                advice = f"use {split_flag} {' or '.join(split for split in SPLITS if counts[split])}"
             raise ValueError(f"{self.source or 'the dataset'}: no {name!r} images; it has {has}"
-                             + (f"; use --split {next(iter(counts))}" if len(counts) == 1 else ""))
+                             + (f"; {advice}" if advice else ""))
         return records
 
     def __len__(self) -> int:

@@ -36,7 +36,7 @@ from torch import nn
 from captioner.encoders.fusing import fused_copy_if_equivalent
 from captioner.encoders.identity import check_same_cnn
 from captioner.encoders.preprocessing import Preprocessor, ResizeMode
-from captioner.encoders.weights import EncoderUnavailableError, state_dict_hash
+from captioner.encoders.weights import EncoderUnavailableError, NamedState, state_dict_hash, weights_label
 
 __all__ = ["DEFAULT_ENCODER", "Builder", "Encoder", "EncoderSpec", "EncoderUnavailableError", "Weights",
            "check_trained_cnn", "checkpoint_encoder", "get_encoder", "get_encoder_spec", "list_encoders",
@@ -207,14 +207,43 @@ def get_encoder(name: str = DEFAULT_ENCODER, weights: Weights = None,
 
 def checkpoint_encoder(entry: Mapping[str, Any], owner: str, state: Mapping[str, torch.Tensor] | None = None,
                        weights: Weights = None, fuse_batchnorm: bool = True) -> Encoder:
-    """The CNN a checkpoint was trained on, from its `encoder` entry (name, weights_hash): built with
-    `weights` when given, else the weights the checkpoint carries (`state`, a fine-tuned CNN), else the
-    entry's default source; refused unless the weights hash to the entry's weights_hash. `fuse_batchnorm`
+    """The CNN a checkpoint was trained on, from its `encoder` entry (name, weights_hash, preprocessing):
+    built with `weights` when given, else the weights the checkpoint carries (`state`, a fine-tuned CNN),
+    else the entry's default source; refused unless the weights hash to the entry's weights_hash and the
+    entry's preprocessing is this encoder's. `owner` names the checkpoint in the messages; `fuse_batchnorm`
     as in `get_encoder` (False when only the classifier will run)."""
-    encoder = get_encoder(entry.get("encoder", DEFAULT_ENCODER), weights=weights if weights is not None else state,
-                          fuse_batchnorm=fuse_batchnorm)
+    name = entry.get("encoder", DEFAULT_ENCODER)
+    spec = get_encoder_spec(name)
+    check_preprocessing(spec, entry.get("preprocessing"), owner)
+    try:
+        encoder = get_encoder(name, weights=weights if weights is not None else state, fuse_batchnorm=fuse_batchnorm)
+    except EncoderUnavailableError as error:
+        if weights is not None or state is None:
+            raise
+        source = state.source if isinstance(state, NamedState) else f"{owner}: its fine-tuned CNN"
+        detail = str(error).removeprefix(f"{weights_label(state)}: ")
+        raise EncoderUnavailableError(f"{source}: {detail}; the file is damaged or was written for another "
+                                      f"encoder than {name}: use another checkpoint") from None
     check_trained_cnn(encoder, entry, owner)
     return encoder
+
+
+PREPROCESSING_FIELDS = ("resize", "input_size", "resize_size", "mean_0_255", "std_0_255")
+
+
+def check_preprocessing(spec: EncoderSpec, recorded: Mapping[str, Any] | None, owner: str) -> None:
+    """Refuse a checkpoint trained on images prepared otherwise than `spec` prepares them (its recorded
+    preprocessing differs in a field both describe): its decoder would see other features."""
+    if not recorded:
+        return
+    own = spec.preprocessing()
+    differing = [name for name in PREPROCESSING_FIELDS
+                 if name in recorded and name in own and recorded[name] != own[name]]
+    if differing:
+        details = ", ".join(f"{name} {recorded[name]!r} (the encoder's: {own[name]!r})" for name in differing)
+        raise ValueError(f"{owner}: trained on images prepared with {details}, which {spec.name} does not "
+                         "do; the file is damaged or comes from another version of the encoder: use another "
+                         "checkpoint")
 
 
 def check_trained_cnn(encoder: Encoder, entry: Mapping[str, Any], owner: str) -> None:

@@ -69,7 +69,17 @@ def weights_state(weights: Path | Mapping[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
+class NamedState(dict):
+    """A state dict read from a file (a checkpoint's fine-tuned CNN), which messages name by `source`."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        super().__init__(tensors)
+        self.source = source
+
+
 def weights_label(weights: Path | Mapping[str, torch.Tensor]) -> str:
+    if isinstance(weights, NamedState):
+        return weights.source
     return "state dict given in memory" if isinstance(weights, Mapping) else str(weights)
 
 
@@ -80,15 +90,17 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or mis_shaped:
-        lines = [f"{source}: weights do not fit {type(model).__name__}:"]
+        problems = []
         if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
+            problems.append(f"missing ({len(missing)}): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
         if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
+            problems.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected[:5])}"
+                            + (" ..." if len(unexpected) > 5 else ""))
         if mis_shaped:
-            lines.append("  wrong shape: " + ", ".join(
-                f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in mis_shaped))
-        raise EncoderUnavailableError("\n".join(lines))
+            problems.append("wrong shape: " + ", ".join(
+                f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in mis_shaped[:5])
+                + (f" (and {len(mis_shaped) - 5} more)" if len(mis_shaped) > 5 else ""))
+        raise EncoderUnavailableError(f"{source}: weights do not fit {type(model).__name__}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from captioner.encoders.identity import cnn_mismatch
 from captioner.encoders.registry import Encoder
-from captioner.utils import atomic_replace, write_text_atomic
+from captioner.utils import atomic_replace, check_output_folder, write_text_atomic
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.f16.npy"
@@ -68,8 +68,47 @@ def check_fingerprint(found: dict, wanted: dict, where: Path) -> None:
                             for name in differing)
         raise FeatureCacheError(
             f"{where}: features were made with a different encoder setup ({details}). Refusing to mix them: "
-            f"use another output folder, or delete {where.parent if where.is_file() else where} to rebuild."
+            f"use another output folder, or replace the cache in {where.parent if where.is_file() else where} "
+            "(captioner features --overwrite)"
         )
+
+
+CACHE_FILES = (META_FILE, FEATURES_FILE, INDEX_FILE)
+
+
+def cache_contents(directory: str | Path) -> list[str]:
+    """What of a feature cache, finished or in progress, `directory` holds (file and folder names)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [name for name in CACHE_FILES if (directory / name).exists()]
+    return found + sorted(path.name for path in (directory / PARTIAL_DIR, *directory.glob(RANK_PARTIAL_GLOB))
+                          if path.is_dir())
+
+
+def check_cache_folder(directory: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write features into a folder holding a cache (finished, or interrupted) unless asked:
+    `resume` continues or extends it, `overwrite` replaces it."""
+    directory = Path(directory)
+    check_output_folder(directory, resume, overwrite, "feature cache", FeatureCacheError)
+    found = cache_contents(directory)
+    if found and not (resume or overwrite):
+        what = "a feature cache" if META_FILE in found else "an interrupted feature extraction"
+        raise FeatureCacheError(f"{directory}: holds {what} ({', '.join(found)}); continue or extend it with "
+                                "--resume, replace it with --overwrite, or give another --out")
+
+
+def clear_cache_folder(directory: str | Path) -> list[str]:
+    """Remove a feature cache (finished and in progress) from `directory`; anything else there stays."""
+    directory = Path(directory)
+    found = cache_contents(directory)
+    for name in found:
+        path = directory / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name in CACHE_FILES:
+        for stale in directory.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    return found
 
 
 class FeatureCache:
@@ -91,8 +130,9 @@ class FeatureCache:
         if not meta_path.is_file():
             if (directory / PARTIAL_DIR).is_dir():
                 raise FeatureCacheError(
-                    f"{directory}: feature extraction was interrupted before it finished; run "
-                    "extract_features again with the same encoder and folder to resume it")
+                    f"{directory}: feature extraction was interrupted before it finished; continue it with "
+                    "`captioner features --resume` (the same data, encoder and --out), or extract_features in "
+                    "Python with the same encoder and folder")
             raise FeatureCacheError(f"{directory}: not a feature cache ({META_FILE} not found)")
         meta = read_json(meta_path)
         if meta.get("format_version") != FORMAT_VERSION:

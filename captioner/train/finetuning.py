@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captioner.checkpoint import Checkpoint
+from captioner.checkpoint import Checkpoint, checkpoint_label
 from captioner.config import FinetuneConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.encoders.registry import DEFAULT_ENCODER, Encoder, check_trained_cnn, get_encoder_spec
@@ -43,6 +43,8 @@ class CnnFinetuning(Objective):
 
     name = "CNN fine-tuning"
     validates_start = True
+    epochs_fixed = ("its learning rates follow one warm-up and cosine decay over all the run's epochs, so a run "
+                    "continued to other epochs would not be the run of that many epochs")
 
     def __init__(self, init_checkpoint: str | Path, train_records: list[CaptionRecord],
                  val_records: list[CaptionRecord], config: FinetuneConfig) -> None:
@@ -82,11 +84,11 @@ class CnnFinetuning(Objective):
         return math.ceil(self.examples / self.config.batch_images)
 
     def settings(self) -> dict[str, Any]:
-        return {"finetune_config": self.config, "init_checkpoint": self.init_from}
+        return {"finetune_config": self.config, "init_checkpoint": checkpoint_label(self.init_from)}
 
     def run_info(self) -> dict[str, Any]:
         return {**self.checkpoint.info, "finetune_config": to_dict(self.config),
-                "init_checkpoint": self.init_from, "fine_tuned_from": self.start_hash,
+                "init_checkpoint": checkpoint_label(self.init_from), "fine_tuned_from": self.start_hash,
                 "train_images": self.examples}
 
     def encoder(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
@@ -159,10 +161,12 @@ def caption_loss(decoder: torch.nn.Module, features: Tensor, image_rows: list[in
 def finetune(init_checkpoint: str | Path, train_records: list[CaptionRecord], val_records: list[CaptionRecord],
              out_dir: str | Path, config: FinetuneConfig | None = None, resume: bool = False,
              progress: bool = True, on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-             device: str | torch.device = "cpu") -> Path:
+             device: str | torch.device = "cpu", overwrite: bool = False, data_name: str | None = None) -> Path:
     """Fine-tune the CNN and the decoder of `init_checkpoint`; returns the best checkpoint's path, which
     exists (the starting point, with its CNN, when no epoch beat it). `on_epoch_end(entry)` is called
-    after each epoch's files are written (tests stop runs with it)."""
+    after each epoch's files are written (tests stop runs with it). `resume` / `overwrite`: continue /
+    replace the run `out_dir` holds (with neither, one is refused). `data_name`: what the run trains on."""
     objective = CnnFinetuning(init_checkpoint, train_records, val_records, config or FinetuneConfig())
-    return Trainer(objective, out_dir, resume=resume, device=device, progress=progress,
+    objective.data_name = data_name
+    return Trainer(objective, out_dir, resume=resume, overwrite=overwrite, device=device, progress=progress,
                    on_epoch_end=on_epoch_end).run()

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from captioner.checkpoint import Checkpoint
+from captioner.checkpoint import Checkpoint, portable_path
 from captioner.config import DecodeConfig, ScstConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.decoding import beam_search, greedy
@@ -282,7 +282,7 @@ class SelfCritical(Objective):
     def run_info(self) -> dict[str, Any]:
         initial = self.initial
         return {"stage": "scst", "scst_config": to_dict(self.config), "seed": self.config.seed,
-                "init_checkpoint": str(initial.path), "init_info": initial.info,
+                "init_checkpoint": portable_path(initial.path), "init_info": initial.info,
                 "data_fingerprint": initial.info.get("data_fingerprint"), "train_images": self.examples}
 
     def encoder(self) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
@@ -348,18 +348,22 @@ def train_scst(train_records: list[CaptionRecord], train_features: Tensor, val_r
                val_features: Tensor, out_dir: str | Path, init_checkpoint: str | Path, config: ScstConfig | None = None,
                resume: bool = False, progress: bool = True,
                on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-               features_encoder: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> Path:
+               features_encoder: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+               overwrite: bool = False, data_name: str | None = None) -> Path:
     """Fine-tune the decoder of `init_checkpoint` with SCST; returns the path of the best checkpoint.
 
     `train_features` / `val_features` hold one row per record, in order, from the same encoder the
     checkpoint was trained on (`features_encoder`, the cache's encoder entry, is checked against the
     checkpoint's when given). A checkpoint that carries its own CNN passes it on to the checkpoints
     written here. `on_epoch_end` is called with each epoch's log entry after the checkpoint is written
-    (used to stop runs in tests).
+    (used to stop runs in tests). `resume` / `overwrite`: continue / replace the run `out_dir` holds (with
+    neither, one is refused); the learning rate is constant, so a run may be resumed with more epochs.
+    `data_name`: what the run trains on, as its checkpoints record it.
     """
     objective = SelfCritical(train_records, train_features, val_records, val_features, init_checkpoint,
                              config or ScstConfig(), features_encoder)
-    return Trainer(objective, out_dir, resume=resume, device=device, progress=progress,
+    objective.data_name = data_name
+    return Trainer(objective, out_dir, resume=resume, overwrite=overwrite, device=device, progress=progress,
                    on_epoch_end=on_epoch_end).run()
 
 

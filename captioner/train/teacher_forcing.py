@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from captioner import distributed
-from captioner.checkpoint import Checkpoint
+from captioner.checkpoint import Checkpoint, checkpoint_label, portable_path
 from captioner.config import ModelConfig, TrainConfig, to_dict
 from captioner.data.records import CaptionRecord
 from captioner.evaluation.validate import validate
@@ -31,6 +31,9 @@ from captioner.train.text_corpus import corpus_fingerprint, text_corpus_examples
 from captioner.train.trainer import Objective, Trainer, autocast_dtype
 from captioner.train.warm_start import check_features_encoder, warm_start
 
+EPOCHS_FIXED = ("its learning rate follows one warm-up and cosine decay over all the run's epochs, so a run "
+                "continued to other epochs would not be the run of that many epochs")
+
 
 class TeacherForcing(Objective):
     """Cross-entropy of every caption's next token given the true previous ones; init: a new decoder, or
@@ -38,6 +41,7 @@ class TeacherForcing(Objective):
 
     name = "cross-entropy training"
     supports_ddp = supports_amp = True
+    epochs_fixed = EPOCHS_FIXED
 
     def __init__(self, train_records: list[CaptionRecord], train_features: Tensor, val_records: list[CaptionRecord],
                  val_features: Tensor, config: TrainConfig, model: ModelConfig | None = None,
@@ -94,10 +98,11 @@ class TeacherForcing(Objective):
 
     def settings(self) -> dict[str, Any]:
         # None when training a new decoder: runs saved before warm starts existed have no such entry
-        return {"train_config": self.config, "init_checkpoint": self.init_from}
+        return {"train_config": self.config, "init_checkpoint": checkpoint_label(self.init_from)}
 
     def run_info(self) -> dict[str, Any]:
-        initial = {} if self.initial is None else {"init_checkpoint": self.init_from, "init_info": self.initial.info}
+        initial = {} if self.initial is None else {"init_checkpoint": checkpoint_label(self.init_from),
+                                                   "init_info": self.initial.info}
         return {**initial, "train_config": to_dict(self.config), "seed": self.config.seed,
                 "data_fingerprint": self.data_fingerprint, "train_images": len(self.train_records),
                 "train_captions": self.examples, "parameters": count_parameters(self.model),
@@ -173,7 +178,7 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
           data_fingerprint: str | None = None, progress: bool = True,
           on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
           device: str | torch.device = "cpu", amp: str | None = None,
-          init_checkpoint: str | Path | None = None) -> Path:
+          init_checkpoint: str | Path | None = None, overwrite: bool = False, data_name: str | None = None) -> Path:
     """Train a decoder; returns the path of the best checkpoint.
 
     `train_features` / `val_features` hold one row per record, in order. `model`: the new decoder's shape
@@ -183,12 +188,15 @@ def train(train_records: list[CaptionRecord], train_features: Tensor, val_record
     "bf16" or "fp16" mixed precision (`autocast_dtype`). Under torchrun (a process group is initialised,
     see captioner.distributed) the run is data-parallel and `config.batch_size` is the global batch.
     `init_checkpoint`: start from this trained decoder (its shape, its CNN), grown to the new vocabulary.
+    `resume` / `overwrite`: continue / replace the run `out_dir` holds (with neither, one is refused).
+    `data_name`: what the run trains on, as its checkpoints record it.
     """
     config = config or TrainConfig()
     objective = TeacherForcing(train_records, train_features, val_records, val_features, config, model,
                                encoder, data_fingerprint, init_checkpoint)
-    return Trainer(objective, out_dir, resume=resume, device=device, amp=amp, ema_decay=config.ema_decay,
-                   progress=progress, on_epoch_end=on_epoch_end).run()
+    objective.data_name = data_name
+    return Trainer(objective, out_dir, resume=resume, overwrite=overwrite, device=device, amp=amp,
+                   ema_decay=config.ema_decay, progress=progress, on_epoch_end=on_epoch_end).run()
 
 
 def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
@@ -197,7 +205,7 @@ def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
                    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
                    device: str | torch.device = "cpu", amp: str | None = None,
                    init_checkpoint: str | Path | None = None, text_corpus: str | Path | None = None,
-                   pseudo_target_p: float = 0.6) -> Path:
+                   pseudo_target_p: float = 0.6, overwrite: bool = False, data_name: str | None = None) -> Path:
     """Train on a dataset's train split with features from a cache; select on its val split.
 
     `text_corpus`: captions without photos (`captioner.train.text_corpus`) added to the training split, each
@@ -210,6 +218,7 @@ def train_on_cache(dataset: Any, features_dir: str | Path, out_dir: str | Path,
         splits["train_records"] = splits["train_records"] + records
         splits["train_features"] = torch.cat([splits["train_features"].float(), features])
         fingerprint = f"{fingerprint}+text:{corpus_fingerprint(records)}"
-    return train(**splits, out_dir=out_dir, model=model, config=config, resume=resume,
+        data_name = data_name and f"{data_name} + {portable_path(text_corpus)}"
+    return train(**splits, out_dir=out_dir, model=model, config=config, resume=resume, overwrite=overwrite,
                  data_fingerprint=fingerprint, progress=progress, on_epoch_end=on_epoch_end, device=device,
-                 amp=amp, init_checkpoint=init_checkpoint)
+                 amp=amp, init_checkpoint=init_checkpoint, data_name=data_name)

@@ -40,6 +40,8 @@ from captioner.train.state import (
     CURVES,
     LAST,
     LOG,
+    check_run_folder,
+    clear_run_folder,
     optimizer_tensors,
     plot_curves,
     rank_seed,
@@ -99,6 +101,11 @@ class Objective:
     supports_amp = False  # its forward passes run under the trainer's autocast
     validates_start = False  # validate the starting model as epoch 0, which competes for best
     curve = ("train_loss", "training loss (teacher forced)", "cross-entropy")  # log key, title, y label
+
+    # Why the number of epochs cannot change when the run is resumed (None: it may, e.g. with a constant
+    # learning rate, and a run resumed with more epochs ends as an uninterrupted run of that many would).
+    epochs_fixed: str | None = None
+    data_name: str | None = None  # what the run trains on, as the checkpoints record it ("data")
 
     config: Any
     init_from: str | None = None
@@ -186,16 +193,17 @@ class Trainer:
     best.safetensors, which always exists when the run ends normally.
 
     `resume`: continue the run in `out_dir` from its last.safetensors (refused if it was started with
-    other settings). `ema_decay` > 0: validate, select and save an exponential moving average of the
+    other settings, or if its training state is gone); `overwrite`: replace the run `out_dir` holds. With
+    neither, a folder holding a run is refused (`state.check_run_folder`). `ema_decay` > 0: validate, select and save an exponential moving average of the
     decoder's weights (the raw weights are scored too, as `val_raw`). `amp`: None, "bf16" or "fp16"
     (`autocast_dtype`). `on_epoch_end(entry)` is called after each epoch's files are written (tests stop
     runs with it).
     """
 
-    def __init__(self, objective: Objective, out_dir: str | Path, *, resume: bool = False,
+    def __init__(self, objective: Objective, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                  device: str | torch.device = "cpu", amp: str | None = None, ema_decay: float = 0.0,
                  progress: bool = True, on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.objective, self.out_dir, self.resume = objective, Path(out_dir), resume
+        self.objective, self.out_dir, self.resume, self.overwrite = objective, Path(out_dir), resume, overwrite
         self.device = torch.device(device)
         self.amp, self.ema_decay, self.progress, self.on_epoch_end = amp, ema_decay, progress, on_epoch_end
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -215,7 +223,11 @@ class Trainer:
 
     def run(self) -> Path:
         objective, config = self.objective, self.objective.config
+        check_run_folder(self.out_dir, self.resume, self.overwrite)  # every rank: all refuse together
+        distributed.barrier()  # every rank has looked before rank 0 clears anything
         if distributed.is_main():
+            if self.overwrite and (removed := clear_run_folder(self.out_dir)):
+                distributed.print0(f"--overwrite: removed the previous run's {', '.join(removed)} from {self.out_dir}")
             self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         initial = load_checkpoint(objective.init_from) if objective.init_from is not None else None
@@ -242,6 +254,8 @@ class Trainer:
                      "val_seconds": round(time.perf_counter() - val_start, 2)}
             self._finish_epoch(entry, raw_scores)
         distributed.print0(objective.describe())
+        if self.start_epoch > config.epochs:
+            distributed.print0(f"the run has trained its {config.epochs} epochs; nothing left to do")
         for epoch in range(self.start_epoch, config.epochs + 1):
             if self.bad_epochs >= config.patience:
                 distributed.print0(f"stopping: val CIDEr-D has not improved for {self.bad_epochs} epochs")
@@ -260,13 +274,17 @@ class Trainer:
             if self.resume:
                 distributed.print0(f"nothing to resume in {self.out_dir}: starting a new run")
             return
-        tensors, state = read_training_state(last, objective.settings(), to_dict(objective.model.config))
-        start = state["history"][0] if state["history"] else None
-        if (objective.validates_start and distributed.is_main() and not (self.out_dir / BEST).exists()
-                and start is not None and start["epoch"] == 0 and start["val"]["CIDEr-D"] >= state["best_cider"]):
-            # Saved by an older `captioner finetune`, which did not write the starting model as best: it is
-            # what the objective has just built, before the saved state is loaded.
-            self._save(BEST, objective.model, start)
+        tensors, state = read_training_state(last, objective.settings(), to_dict(objective.model.config),
+                                             objective.epochs_fixed, objective.run_info().get("data_fingerprint"))
+        best_entry = max(state["history"], key=lambda entry: entry["val"]["CIDEr-D"], default=None)
+        # rank 0 reads the files; every rank learns what it found, so all go on or stop together
+        problem = distributed.all_gather_object(self._best_problem(best_entry) if distributed.is_main() else None)[0]
+        if problem is not None and best_entry["epoch"] == 0 and objective.validates_start:
+            # The starting model, which the objective has just built, before the saved state is loaded (an
+            # older `captioner finetune` did not write it as best).
+            if distributed.is_main():
+                self._save(BEST, objective.model, best_entry)
+            problem = None
         objective.model.load_state_dict(strip_prefix(tensors, "model."))
         objective.load_state(tensors)
         restore_optimizer(self.optimizer, tensors)
@@ -276,6 +294,16 @@ class Trainer:
             self.average.load(tensors, state["ema_updates"])
         self.history, self.best_cider = state["history"], state["best_cider"]
         self.bad_epochs, self.start_epoch = state.get("bad_epochs", 0), state["epoch"] + 1
+        if problem is not None:
+            if best_entry["epoch"] != state["epoch"]:
+                raise CheckpointError(f"{self.out_dir / BEST}: {problem}; the weights of the run's best epoch "
+                                      f"({best_entry['epoch']}, val CIDEr-D {best_entry['val']['CIDEr-D'] * 100:.1f}) "
+                                      f"are lost ({LAST} holds epoch {state['epoch']}): start the run again with "
+                                      f"--overwrite, or use {self.out_dir / LAST} as the checkpoint")
+            if distributed.is_main():  # the best epoch is the last one saved: its weights are in last.safetensors
+                self._save(BEST, self.average.model if self.average is not None else objective.model, best_entry)
+                distributed.print0(f"{self.out_dir / BEST}: {problem}; written again from {LAST}, which holds the "
+                                   f"same epoch ({best_entry['epoch']})")
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
         restored = distributed.all_gather_object(restore_rng(tensors, self.device, objective.config.seed,
@@ -285,6 +313,21 @@ class Trainer:
         if not all(restored):
             distributed.print0("note: the run was saved by fewer processes; the dropout random state of the new "
                                "ranks is reseeded, so the result differs slightly from an uninterrupted run")
+
+    def _best_problem(self, best_entry: dict[str, Any] | None) -> str | None:
+        """What is wrong with the run folder's best.safetensors (missing, unreadable, another epoch's), or None."""
+        if best_entry is None:
+            return None
+        path = self.out_dir / BEST
+        if not path.is_file():
+            return "missing"
+        try:
+            epoch = load_checkpoint(path).info.get("epoch")
+        except CheckpointError as error:
+            return f"unreadable ({str(error).removeprefix(f'{path}: ')})"
+        if epoch is not None and epoch != best_entry["epoch"]:
+            return f"holds epoch {epoch}, but the run's best is epoch {best_entry['epoch']}"
+        return None
 
     def _train_epoch(self, epoch: int) -> None:
         objective, config = self.objective, self.objective.config
@@ -331,8 +374,8 @@ class Trainer:
     def _save(self, name: str, model: CaptionDecoder, entry: dict[str, Any], **extra: Any) -> None:
         """Write `model` as the run folder's `name`, with the checkpoint info of epoch `entry`."""
         objective = self.objective
-        info = {**objective.run_info(), "epoch": entry["epoch"], "val_metrics": entry["val"],
-                "val_decode": to_dict(objective.config.val_decode)}
+        info = {**objective.run_info(), **({"data": objective.data_name} if objective.data_name else {}),
+                "epoch": entry["epoch"], "val_metrics": entry["val"], "val_decode": to_dict(objective.config.val_decode)}
         encoder, encoder_state = objective.encoder()
         save_checkpoint(self.out_dir / name, model, objective.vocab, encoder, info, encoder_state=encoder_state,
                         **extra)
